@@ -1,0 +1,591 @@
+"""The math of every safenorm layer, once, in pure vectorized PyTorch.
+
+This module is the single source of truth: the modules in :mod:`safenorm.modules` only decide
+policy (which buffers, which momentum, which reference) and call the functions here; the Triton
+kernels and the Opacus grad samplers are tested against them.
+
+Notation (see docs/PRIVACY.md): input ``x`` of shape ``(N, C, *S)`` with ``M = prod(S)``
+(``M = 1`` for ``(N, C)`` input). One pass gives per-sample, per-channel moments
+
+    m[i, c] = mean_s x[i, c, s]            w[i, c] = mean_s (x[i, c, s] - m[i, c])^2
+
+and every variant builds its statistics from ``(m, w)``: the centred per-sample second moment
+around a centre ``mu`` is ``v_i = w_i + (m_i - mu)^2``, which equals ``q_i - 2 mu m_i + mu^2``
+with ``q_i = mean_s x^2`` but does not cancel catastrophically when ``|mu| >> std``.
+
+All statistics are computed in float32 (float64 for float64 input) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from safenorm.noise import gaussian_noise
+
+__all__ = [
+    "ClipReference",
+    "Groups",
+    "PrivateStatistics",
+    "batch_statistics",
+    "clip_rows",
+    "clipped_batch_norm",
+    "clipped_statistics",
+    "consecutive_groups",
+    "dp_batch_norm",
+    "ghost_batch_norm",
+    "normalize",
+    "per_sample_moments",
+    "pooled_running_update",
+    "private_statistics",
+    "random_groups",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample moments and groups
+# ----------------------------------------------------------------------------------------------
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def per_sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and centred second moment over the spatial axes.
+
+    Args:
+        x: input of shape ``(N, C, *S)``, any floating dtype, any memory format.
+
+    Returns:
+        ``(m, w)``, each of shape ``(N, C)`` in float32 (float64 for float64 input):
+        ``m = mean_s x`` and ``w = mean_s (x - m)^2`` (biased, ``0`` when ``M = 1``).
+    """
+    xs = x.to(_stat_dtype(x))
+    if x.dim() == 2:
+        return xs, torch.zeros_like(xs)
+    w, m = torch.var_mean(xs, dim=tuple(range(2, x.dim())), correction=0)
+    return m, w
+
+
+def spatial_size(x: Tensor) -> int:
+    """``M = prod(S)`` for input of shape ``(N, C, *S)``."""
+    return math.prod(x.shape[2:])
+
+
+@dataclass(frozen=True)
+class Groups:
+    """A partition of the batch into (ghost) groups.
+
+    Attributes:
+        index: ``(N,)`` long, the group of each sample.
+        size: ``(G,)`` float, the denominator of each group: its actual size for the
+            non-private variants, a public number for the DP variant.
+    """
+
+    index: Tensor
+    size: Tensor
+
+    @property
+    def count(self) -> int:
+        return self.size.shape[0]
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Sum ``(N, C)`` per-sample values into ``(G, C)`` group sums (differentiable)."""
+        out = values.new_zeros((self.count, values.shape[1]))
+        return out.index_add(0, self.index, values)
+
+    def per_sample(self, group_values: Tensor) -> Tensor:
+        """Broadcast ``(G, C)`` group values back to ``(N, C)``."""
+        return group_values.index_select(0, self.index)
+
+
+def consecutive_groups(n: int, group_size: int | None, device: torch.device) -> Groups:
+    """Position-based ghost groups: samples ``[k*g, (k+1)*g)`` form group ``k``.
+
+    The last group may be smaller (ragged). ``group_size=None`` or ``>= n`` gives one group.
+    Not usable for DP: removing one sample shifts every later boundary.
+    """
+    g = n if group_size is None or group_size >= n else group_size
+    g = max(g, 1)
+    index = torch.arange(n, device=device) // g
+    count = max(1, -(-n // g))
+    size = torch.bincount(index, minlength=count).to(torch.float32)
+    return Groups(index=index, size=size)
+
+
+def random_groups(
+    n: int,
+    num_groups: int,
+    denominator: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Groups:
+    """Ghost groups for DP: each sample draws its group uniformly and independently.
+
+    A sample's group does not depend on any other sample, so adding or removing one sample
+    changes exactly one group's sums. Every group gets the public denominator
+    ``denominator / num_groups``.
+    """
+    draw_device = generator.device if generator is not None else device
+    index = torch.randint(num_groups, (n,), generator=generator, device=draw_device).to(device)
+    size = torch.full((num_groups,), denominator / num_groups, device=device)
+    return Groups(index=index, size=size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_rows(u: Tensor, max_norm: float) -> Tensor:
+    """``clip(u_i, R) = u_i * min(1, R / ||u_i||_2)`` for every row ``u_i`` of ``(N, C)`` ``u``."""
+    if math.isinf(max_norm):
+        return u
+    norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
+    factor = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), 1.0)
+    return u * factor
+
+
+def batch_statistics(m: Tensor, w: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
+    """Standard BN statistics of each group: biased mean and variance, each ``(G, C)``."""
+    size = groups.size.to(m.dtype).unsqueeze(1)
+    mean = groups.sum(m) / size
+    centred = w + (m - groups.per_sample(mean)) ** 2
+    return mean, groups.sum(centred) / size
+
+
+@dataclass(frozen=True)
+class ClipReference:
+    """Public centre and scale in whose units per-sample contributions are clipped.
+
+    ``contribution = (m_i - center) / scale`` for the mean and ``v_i / scale^2`` for the
+    variance. Both must be public (constants or already released statistics); ``None`` means
+    raw units (centre 0, scale 1).
+
+    Attributes:
+        center: ``(C,)`` or ``None``.
+        scale: ``(C,)``, positive, or ``None``.
+    """
+
+    center: Tensor | None = None
+    scale: Tensor | None = None
+
+    @classmethod
+    def from_running(cls, running_mean: Tensor | None, running_var: Tensor | None, eps: float):
+        """Centre and scale from running statistics (snapshotted: buffers change in place)."""
+        if running_mean is None or running_var is None:
+            return cls()
+        return cls(
+            center=running_mean.detach().clone().float(),
+            scale=torch.sqrt(running_var.detach().float() + eps),
+        )
+
+    def center_like(self, m: Tensor) -> Tensor:
+        return m.new_zeros(m.shape[1]) if self.center is None else self.center.to(m.dtype)
+
+    def scale_like(self, m: Tensor) -> Tensor:
+        return m.new_ones(m.shape[1]) if self.scale is None else self.scale.to(m.dtype)
+
+
+@dataclass(frozen=True)
+class PrivateStatistics:
+    """Statistics of the clipped / noised mechanism, per group.
+
+    Attributes:
+        mean: ``(G, C)`` statistics mean (``mu`` or ``mu~``).
+        var: ``(G, C)`` statistics variance (``var`` or ``var~``), biased.
+        groups: the partition they were computed on.
+    """
+
+    mean: Tensor
+    var: Tensor
+    groups: Groups
+
+
+def private_statistics(
+    m: Tensor,
+    w: Tensor,
+    groups: Groups,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float = 0.0,
+    reference: ClipReference | None = None,
+    var_floor: float = 0.0,
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+) -> PrivateStatistics:
+    """Clipped (and optionally noised) mean and variance of each group.
+
+    In the reference's units (``mc_i = (m_i - center) / scale``)::
+
+        S_mu  = sum_i clip(mc_i, R1) [+ N(0, sigma^2 R1^2 I)]
+        mu    = center + scale * S_mu / D
+        S_var = sum_i clip(v_i(mu) / scale^2, R2) [+ N(0, sigma^2 R2^2 I)]
+        var   = max(scale^2 * S_var / D, var_floor * scale^2)
+
+    with ``D`` the group's denominator. Noise is added when ``noise_multiplier > 0``.
+
+    Args:
+        m, w: ``(N, C)`` per-sample moments from :func:`per_sample_moments`.
+        groups: partition of the batch and each group's denominator ``D``.
+        clip_norm: ``R1``, L2 bound over channels of each sample's mean contribution.
+        var_clip_norm: ``R2``, L2 bound of each sample's centred second-moment contribution.
+        noise_multiplier: ``sigma``; Gaussian noise of std ``sigma * R`` on each clipped sum.
+        reference: public centre/scale of the clipping units. Default: raw units.
+        var_floor: lower bound of the variance in units of ``scale^2``.
+        generator, secure_mode: the noise source (see :func:`safenorm.noise.gaussian_noise`).
+    """
+    reference = reference or ClipReference()
+    center, scale = reference.center_like(m), reference.scale_like(m)
+    size = groups.size.to(m.dtype).unsqueeze(1)
+
+    def noised_sum(contributions: Tensor, bound: float) -> Tensor:
+        total = groups.sum(clip_rows(contributions, bound))
+        if noise_multiplier > 0:
+            noise = gaussian_noise(
+                tuple(total.shape),
+                device=total.device,
+                generator=generator,
+                secure_mode=secure_mode,
+            )
+            total = total + noise.to(total.dtype) * (noise_multiplier * bound)
+        return total
+
+    mean = center + scale * noised_sum((m - center) / scale, clip_norm) / size
+    centred = (w + (m - groups.per_sample(mean)) ** 2) / scale**2
+    var = scale**2 * noised_sum(centred, var_clip_norm) / size
+    var = torch.maximum(var, var_floor * scale**2)
+    return PrivateStatistics(mean=mean, var=var, groups=groups)
+
+
+def clipped_statistics(
+    m: Tensor,
+    w: Tensor,
+    groups: Groups,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    reference: ClipReference | None = None,
+) -> PrivateStatistics:
+    """Per-sample-clipped statistics without noise (not DP): see :func:`private_statistics`."""
+    return private_statistics(
+        m, w, groups, clip_norm=clip_norm, var_clip_norm=var_clip_norm, reference=reference
+    )
+
+
+def pooled_running_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    group_size: Tensor,
+    spatial: int,
+    momentum: float,
+) -> None:
+    """Update running statistics in place from per-group statistics, as ``nn.BatchNorm`` does.
+
+    The batch mean is the size-weighted mean of the group means; the variance stored is the
+    pooled unbiased within-group variance ``sum_g n_g M var_g / sum_g (n_g M - 1)``, which for a
+    single group is exactly BN's ``var * NM / (NM - 1)``.
+
+    Args:
+        running_mean, running_var: ``(C,)`` buffers, updated in place.
+        mean, var: ``(G, C)`` biased group statistics.
+        group_size: ``(G,)`` denominators ``n_g``.
+        spatial: ``M``.
+        momentum: weight of the new value (the cumulative-average factor when BN's momentum is
+            ``None``).
+    """
+    with torch.no_grad():
+        n = group_size.to(mean.dtype).unsqueeze(1) * spatial
+        batch_mean = (n * mean).sum(0) / n.sum()
+        dof = (n - 1).clamp_min(0).sum()
+        if dof <= 0:
+            raise ValueError(
+                "expected more than 1 value per channel when training "
+                f"(group sizes {group_size.tolist()}, spatial size {spatial})"
+            )
+        batch_var = (n * var).sum(0) / dof
+        for buffer, value in ((running_mean, batch_mean), (running_var, batch_var)):
+            buffer.mul_(1 - momentum).add_(value.to(buffer.dtype), alpha=momentum)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with per-sample or per-channel statistics.
+
+    Differentiable with respect to ``mean`` and ``var`` (gradients flow through the statistics).
+
+    Args:
+        x: ``(N, C, *S)`` input, any floating dtype and memory format.
+        mean, var: ``(N, C)`` per-sample or ``(C,)`` per-channel statistics (float32/64).
+        weight, bias: ``(C,)`` affine parameters or ``None``.
+        eps: added to the variance.
+
+    Returns:
+        Output of ``x``'s shape, dtype and memory format.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    view = (
+        (*scale.shape, *([1] * (x.dim() - 2)))
+        if scale.dim() == 2
+        else (1, -1, *([1] * (x.dim() - 2)))
+    )
+    out = torch.addcmul(shift.reshape(view), x.to(scale.dtype), scale.reshape(view))
+    return out.to(x.dtype)
+
+
+def _frozen_normalize(x, mean, var, weight, bias, eps):
+    """Normalize with detached per-channel statistics by the native kernel."""
+    return F.batch_norm(
+        x,
+        mean.to(x.dtype) if x.dtype == torch.float64 else mean,
+        var,
+        weight,
+        bias,
+        False,
+        0.0,
+        eps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer functions (mirroring F.batch_norm: running buffers are updated in place when training)
+# ----------------------------------------------------------------------------------------------
+
+
+def ghost_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    ghost_batch_size: int | None = None,
+) -> Tensor:
+    """Ghost-batch normalization: each group of ``ghost_batch_size`` consecutive samples is
+    normalized with its own statistics (the last group may be smaller).
+
+    Gradients flow through each group's statistics as in BN. Running statistics (when given and
+    ``training``) are updated once from all groups (see :func:`pooled_running_update`). With
+    ``ghost_batch_size >= N`` (or ``None``) this is exactly :func:`torch.nn.functional.batch_norm`.
+    Not a DP mechanism: a sample still influences its ``g - 1`` group mates without bound.
+
+    Args:
+        input: ``(N, C, *S)``.
+        running_mean, running_var: ``(C,)`` buffers or ``None``.
+        weight, bias: ``(C,)`` or ``None``.
+        training: use batch statistics (and update the buffers) if ``True``, else the buffers.
+        momentum: weight of the new statistics in the running update.
+        eps: added to the variance.
+        ghost_batch_size: group size ``g``.
+    """
+    n = input.shape[0]
+    if not training or ghost_batch_size is None or ghost_batch_size >= n:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    m, w = per_sample_moments(input)
+    groups = consecutive_groups(n, ghost_batch_size, input.device)
+    mean, var = batch_statistics(m, w, groups)
+    if running_mean is not None and running_var is not None:
+        pooled_running_update(
+            running_mean, running_var, mean, var, groups.size, spatial_size(input), momentum
+        )
+    return normalize(input, groups.per_sample(mean), groups.per_sample(var), weight, bias, eps)
+
+
+def clipped_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    clip_norm: float = math.inf,
+    var_clip_norm: float = math.inf,
+    ghost_batch_size: int | None = None,
+    reference: ClipReference | None = None,
+    detach_statistics: bool = False,
+) -> Tensor:
+    """Batch normalization with per-sample-clipped statistics (bounded influence, not DP).
+
+    See :func:`private_statistics` (with ``noise_multiplier = 0``) for the statistics; ``D`` is
+    the actual batch (or ghost group) size. With infinite bounds this is exactly BN.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as in
+            :func:`ghost_batch_norm`.
+        clip_norm: ``R1`` (mean), in the reference's units.
+        var_clip_norm: ``R2`` (centred second moment), in the reference's units.
+        ghost_batch_size: optional position-based ghost groups.
+        reference: public centre/scale of the clipping units. Default: raw units.
+        detach_statistics: stop gradients through the statistics.
+    """
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    m, w = per_sample_moments(input)
+    groups = consecutive_groups(input.shape[0], ghost_batch_size, input.device)
+    stats = clipped_statistics(
+        m, w, groups, clip_norm=clip_norm, var_clip_norm=var_clip_norm, reference=reference
+    )
+    mean, var = stats.mean, stats.var
+    if running_mean is not None and running_var is not None:
+        pooled_running_update(
+            running_mean, running_var, mean, var, groups.size, spatial_size(input), momentum
+        )
+    if detach_statistics:
+        mean, var = mean.detach(), var.detach()
+    return normalize(input, groups.per_sample(mean), groups.per_sample(var), weight, bias, eps)
+
+
+def dp_statistics(
+    input: Tensor,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None = None,
+    reference: ClipReference | None = None,
+    var_floor: float = 0.0,
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+) -> PrivateStatistics:
+    """The DP release: noised clipped statistics of ``input``, detached.
+
+    Two Gaussian releases (mean sums, then centred-variance sums around the released mean),
+    each with add/remove sensitivity ``R`` and noise std ``sigma * R``. With ghost groups, each
+    sample draws its group independently (:func:`random_groups`), so one sample touches one
+    group and the sensitivity of the whole release stays ``R``.
+
+    Args:
+        input: ``(N, C, *S)``; ``N = 0`` is allowed (a noise-only release).
+        clip_norm, var_clip_norm, noise_multiplier, reference, var_floor, generator, secure_mode:
+            see :func:`private_statistics`.
+        denominator: the public batch size ``D`` (the expected batch size under Poisson
+            sampling); each of ``G`` ghost groups gets ``D / G``.
+        ghost_batch_size: target group size; ``G = max(1, round(D / ghost_batch_size))``.
+    """
+    with torch.no_grad():
+        m, w = per_sample_moments(input)
+        num_groups = (
+            1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
+        )
+        if num_groups == 1:
+            groups = Groups(
+                index=torch.zeros(input.shape[0], dtype=torch.long, device=input.device),
+                size=torch.full((1,), float(denominator), device=input.device),
+            )
+        else:
+            groups = random_groups(input.shape[0], num_groups, denominator, input.device, generator)
+        return private_statistics(
+            m,
+            w,
+            groups,
+            clip_norm=clip_norm,
+            var_clip_norm=var_clip_norm,
+            noise_multiplier=noise_multiplier,
+            reference=reference,
+            var_floor=var_floor,
+            generator=generator,
+            secure_mode=secure_mode,
+        )
+
+
+def dp_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None = None,
+    reference: ClipReference | None = None,
+    var_floor: float = 0.0,
+    normalize_with: str = "batch",
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+) -> Tensor:
+    """Batch normalization with differentially private (noised, clipped) statistics.
+
+    In training, releases :func:`dp_statistics`, updates the running buffers from the released
+    values only, and normalizes with the released statistics (``normalize_with="batch"``) or
+    with the updated running statistics (``"running"``; post-processing, free). The statistics
+    are detached, so each sample's output depends only on its own input and released numbers.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as in
+            :func:`ghost_batch_norm`.
+        clip_norm, var_clip_norm, noise_multiplier, denominator, ghost_batch_size, reference,
+            var_floor, generator, secure_mode: see :func:`dp_statistics`.
+        normalize_with: ``"batch"`` or ``"running"``.
+    """
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    stats = dp_statistics(
+        input,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        noise_multiplier=noise_multiplier,
+        denominator=denominator,
+        ghost_batch_size=ghost_batch_size,
+        reference=reference,
+        var_floor=var_floor,
+        generator=generator,
+        secure_mode=secure_mode,
+    )
+    if running_mean is not None and running_var is not None:
+        pooled_running_update(
+            running_mean,
+            running_var,
+            stats.mean,
+            stats.var,
+            stats.groups.size,
+            spatial_size(input),
+            momentum,
+        )
+    if normalize_with == "running":
+        if running_mean is None or running_var is None:
+            raise ValueError("normalize_with='running' needs running statistics")
+        return _frozen_normalize(
+            input, running_mean.clone(), running_var.clone(), weight, bias, eps
+        )
+    if stats.groups.count == 1:
+        return _frozen_normalize(input, stats.mean[0], stats.var[0], weight, bias, eps)
+    groups = stats.groups
+    return normalize(
+        input, groups.per_sample(stats.mean), groups.per_sample(stats.var), weight, bias, eps
+    )

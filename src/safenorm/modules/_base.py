@@ -1,0 +1,274 @@
+"""State shared by every safenorm layer: parameters, buffers, state_dict compatibility, checks.
+
+Mirrors ``torch.nn.modules.batchnorm._NormBase`` so that each layer has exactly the attributes and
+state_dict keys of ``nn.BatchNorm*d``, without subclassing torch's private base class: code that
+tests ``isinstance(m, nn.modules.batchnorm._BatchNorm)`` (Opacus' ``ModuleValidator.fix``,
+batch-norm freezing helpers) must not mistake a safenorm layer for a plain BatchNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.parameter import Parameter
+
+from safenorm.functional import normalize
+
+__all__ = ["SafeBatchNormBase"]
+
+
+class SafeBatchNormBase(nn.Module):
+    """Base class of the safenorm layers (not used directly).
+
+    Subclasses set ``_input_ranks`` and implement :meth:`_batch_forward`.
+    """
+
+    # version 2: num_batches_tracked buffer (as nn.BatchNorm); older dicts get it filled with 0.
+    _version = 2
+    _input_ranks: ClassVar[tuple[int, ...]] = (2, 3, 4, 5)
+    _variant_args: ClassVar[tuple[str, ...]] = ()
+    #: Verify after each training forward that the running statistics are finite (one host sync);
+    #: on failure they are restored and a ValueError names the layer.
+    check_statistics: ClassVar[bool] = True
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
+            )
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.layer_name: str | None = None
+        if affine:
+            self.weight = Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        base = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        variant = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._variant_args)
+        return f"{base}, {variant}" if variant else base
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _describe(self) -> str:
+        name = type(self).__name__
+        return f"{name} '{self.layer_name}'" if self.layer_name else name
+
+    def _check_input(self, input: Tensor) -> None:
+        if input.dim() not in self._input_ranks:
+            expected = " or ".join(f"{r}D" for r in self._input_ranks)
+            raise ValueError(
+                f"{self._describe()}: expected {expected} input (got {input.dim()}D input)"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._describe()}: input has {input.shape[1]} channels (shape "
+                f"{tuple(input.shape)}) but the layer was built with num_features="
+                f"{self.num_features}; construct it with num_features={input.shape[1]} or fix "
+                "the layer before it"
+            )
+        if not input.is_floating_point():
+            raise ValueError(
+                f"{self._describe()}: expected floating-point input, got {input.dtype}"
+            )
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _momentum_factor(self) -> float:
+        """The running-update weight of this forward; increments ``num_batches_tracked``."""
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _running_buffers(self) -> tuple[Tensor | None, Tensor | None]:
+        """Buffers to update (training and tracking) or ``None`` (not updated)."""
+        if self.training and self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
+
+    def _uses_batch_statistics(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def _empty_forward(self, input: Tensor) -> Tensor:
+        """Empty output connected to the affine parameters; buffers untouched."""
+        zeros = input.new_zeros(self.num_features, dtype=torch.float32)
+        return normalize(input, zeros, zeros + 1, self.weight, self.bias, self.eps)
+
+    def _handles_empty_batch(self) -> bool:
+        """Whether :meth:`_batch_forward` runs on ``N = 0`` (the DP layers' noise-only release)."""
+        return False
+
+    def _check_batch(self, input: Tensor) -> None:
+        """Batch statistics need more than one value per channel (as in ``nn.BatchNorm``)."""
+        if input.numel() == self.num_features:
+            raise ValueError(
+                f"{self._describe()}: expected more than 1 value per channel when training, got "
+                f"input of shape {tuple(input.shape)}; use a batch of at least 2 samples or "
+                "eval mode"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        if not self._uses_batch_statistics():
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
+        if input.shape[0] == 0 and not self._handles_empty_batch():
+            return self._empty_forward(input)
+        self._check_batch(input)
+        if not (self.check_statistics and self.training and self.track_running_stats):
+            return self._batch_forward(input)
+        before = [
+            b.clone() for b in (self.running_mean, self.running_var, self.num_batches_tracked)
+        ]
+        output = self._batch_forward(input)
+        if not bool(
+            torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
+        ):
+            for buffer, saved in zip(
+                (self.running_mean, self.running_var, self.num_batches_tracked), before, strict=True
+            ):
+                buffer.copy_(saved)
+            raise ValueError(
+                f"{self._describe()}: batch statistics are NaN or infinite; the input (or an "
+                "earlier layer) produced non-finite values. Check the data, the learning rate and "
+                "the layers before this one; the running statistics were left unchanged"
+            )
+        return output
+
+    def _batch_forward(self, input: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- conversion ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, **kwargs: Any) -> SafeBatchNormBase:
+        """Build this layer from a BatchNorm, sharing its Parameter and buffer objects.
+
+        Keeps weights, buffers, device, dtype, ``requires_grad`` and the train/eval flag, so an
+        optimizer that already holds ``bn``'s parameters keeps working.
+
+        Args:
+            bn: an ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, a subclass, or another
+                safenorm layer.
+            **kwargs: this class's own keyword arguments (e.g. ``clip_norm``).
+        """
+        has_bias = getattr(bn, "bias", None) is not None
+        new = cls(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            device="meta",
+            bias=has_bias or not bn.affine,
+            **kwargs,
+        )
+        for name in ("weight", "bias"):
+            new._parameters[name] = bn._parameters.get(name)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new._buffers[name] = bn._buffers.get(name)
+        new.train(bn.training)
+        if hasattr(bn, "qconfig"):
+            new.qconfig = bn.qconfig
+        return new
+
+
+def resolve_bound(value: float | None, default_per_channel: float, num_features: int) -> float:
+    """A clip bound: the user's value, or ``default_per_channel * sqrt(C)`` (RMS per channel)."""
+    if value is None:
+        return default_per_channel * math.sqrt(num_features)
+    if not value > 0:
+        raise ValueError(f"clip bounds must be positive (math.inf disables clipping), got {value}")
+    return float(value)

@@ -1,0 +1,234 @@
+"""Batch normalization with differentially private (clipped and noised) statistics."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from safenorm import functional as SF
+from safenorm.modules._base import SafeBatchNormBase, resolve_bound
+from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
+from safenorm.modules.clipped import ClipReferenceName, check_reference
+from safenorm.warnings import PrivacyWarning
+
+__all__ = ["DPBatchNorm", "DPBatchNorm1d", "DPBatchNorm2d", "DPBatchNorm3d"]
+
+# Bounds in units of the running statistics (RMS 1 per channel), the best recipe measured in
+# DESIGN.md §3.1; the noise multiplier of each of the two releases per training forward.
+DEFAULT_MEAN_CLIP_PER_CHANNEL = 1.0
+DEFAULT_VAR_CLIP_PER_CHANNEL = 1.0
+DEFAULT_NOISE_MULTIPLIER = 8.0
+DEFAULT_VAR_FLOOR = 0.25
+
+#: Gaussian releases made by one training-mode forward of one DP layer (mean, then variance).
+RELEASES_PER_FORWARD = 2
+
+ReleaseHook = Callable[["DPBatchNorm", int], None]
+
+
+class DPBatchNorm(SafeBatchNormBase):
+    __doc__ = (
+        r"""Batch normalization with differentially private batch statistics.
+
+    Each training-mode forward makes two Gaussian releases about the batch, in units of the
+    clipping reference ``(c, s)`` (the running statistics, which are themselves released values,
+    or raw units)::
+
+        S_mu  = sum_i clip((m_i - c) / s, R1) + N(0, sigma^2 R1^2 I)       mu~  = c + s S_mu / D
+        S_var = sum_i clip((w_i + (m_i - mu~)^2) / s^2, R2) + N(0, sigma^2 R2^2 I)
+        var~  = max(s^2 S_var / D, var_floor * s^2)
+
+    ``D`` is public: ``expected_batch_size`` (under Poisson sampling the actual batch size is
+    private; ``safenorm.opacus.PrivacyEngine`` sets it from the optimizer). Under add/remove
+    neighbours each release has sensitivity ``R`` and noise ``sigma R``: a Gaussian mechanism with
+    noise multiplier ``sigma``. The released ``mu~, var~`` are **detached**, so each sample's
+    output depends only on its own input and on released numbers: per-sample gradients are exact
+    and DP-SGD's clipping bound holds. Running statistics are an EMA of the released values only
+    (post-processing). In training the output is normalized with the running statistics
+    (``normalize_with="running"``, default when they are tracked, a free post-processing that
+    averages the noise over steps) or with this batch's release (``"batch"``).
+
+    With ``ghost_batch_size``, each sample draws its group independently and uniformly among
+    ``G = round(D / ghost_batch_size)`` groups (never by position), so one sample changes one
+    group's sums and the cost does not grow with ``G``.
+
+    An empty batch (Poisson sampling) still makes a noise-only release when ``D`` is public:
+    skipping it would reveal that the batch was empty. See docs/PRIVACY.md for the proof sketch
+    and what is and is not protected.
+"""
+        + COMMON_ARGS_DOC
+        + """        clip_norm: ``R1`` in reference units. Default: ``sqrt(num_features)``
+        var_clip_norm: ``R2`` in reference units. Default: ``sqrt(num_features)``
+        noise_multiplier: ``sigma`` of each release. Default: 8.0
+        ghost_batch_size: target size of the independently drawn ghost groups. Default: ``None``
+        expected_batch_size: the public denominator ``D``. Default: ``None``: the actual batch
+            size is used, with a warning, which is DP only if batch sizes are public (fixed).
+        clip_reference: ``"running"`` or ``"none"``. Default: ``"running"``
+        normalize_with: ``"running"`` or ``"batch"``. Default: ``"running"`` when
+            ``track_running_stats`` else ``"batch"``
+        var_floor: lower bound of ``var~`` in units of ``s^2``. Default: 0.25
+        generator: ``torch.Generator`` for the noise and the group draw (seed it to reproduce a
+            run). Default: torch's global generator
+        secure_mode: draw the noise from the OS CSPRNG (no generator allowed). Default: ``False``
+"""
+        + SHAPE_DOC
+    )
+
+    _input_ranks = ANY_RANK
+    _variant_args: ClassVar[tuple[str, ...]] = (
+        "clip_norm",
+        "var_clip_norm",
+        "noise_multiplier",
+        "ghost_batch_size",
+        "expected_batch_size",
+        "clip_reference",
+        "normalize_with",
+        "var_floor",
+        "secure_mode",
+    )
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        clip_norm: float | None = None,
+        var_clip_norm: float | None = None,
+        noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER,
+        ghost_batch_size: int | None = None,
+        expected_batch_size: int | None = None,
+        clip_reference: ClipReferenceName = "running",
+        normalize_with: Literal["running", "batch"] | None = None,
+        var_floor: float = DEFAULT_VAR_FLOOR,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        name = type(self).__name__
+        check_reference(name, clip_reference)
+        normalize_with = normalize_with or ("running" if track_running_stats else "batch")
+        if normalize_with not in ("running", "batch"):
+            raise ValueError(f"{name}: normalize_with must be 'running' or 'batch'")
+        if normalize_with == "running" and not track_running_stats:
+            raise ValueError(
+                f"{name}: normalize_with='running' needs track_running_stats=True; "
+                "use normalize_with='batch'"
+            )
+        if noise_multiplier < 0 or var_floor < 0:
+            raise ValueError(f"{name}: noise_multiplier and var_floor must be >= 0")
+        if secure_mode and generator is not None:
+            raise ValueError(f"{name}: secure_mode cannot use a seeded generator")
+        self.clip_norm = resolve_bound(clip_norm, DEFAULT_MEAN_CLIP_PER_CHANNEL, num_features)
+        self.var_clip_norm = resolve_bound(
+            var_clip_norm, DEFAULT_VAR_CLIP_PER_CHANNEL, num_features
+        )
+        self.noise_multiplier = float(noise_multiplier)
+        self.ghost_batch_size = ghost_batch_size
+        self.expected_batch_size = expected_batch_size
+        self.clip_reference = clip_reference
+        self.normalize_with = normalize_with
+        self.var_floor = float(var_floor)
+        self.generator = generator
+        self.secure_mode = secure_mode
+        #: Gaussian releases made so far (two per training-mode forward with batch statistics).
+        self.release_count = 0
+        self._release_hooks: dict[int, ReleaseHook] = {}
+        self._warned_public_size = False
+
+    # -- accounting ------------------------------------------------------------------------------
+
+    def register_release_hook(self, hook: ReleaseHook) -> RemovableHandle:
+        """Call ``hook(layer, num_releases)`` after every forward that releases statistics."""
+        handle = RemovableHandle(self._release_hooks)
+        self._release_hooks[handle.id] = hook
+        return handle
+
+    def _record_release(self) -> None:
+        self.release_count += RELEASES_PER_FORWARD
+        for hook in list(self._release_hooks.values()):
+            hook(self, RELEASES_PER_FORWARD)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _denominator(self, batch_size: int) -> float:
+        if self.expected_batch_size is not None:
+            return float(self.expected_batch_size)
+        if not self._warned_public_size:
+            warnings.warn(
+                f"{self._describe()} has no expected_batch_size: it divides by the actual batch "
+                "size, which is differentially private only if batch sizes are public (fixed-size "
+                "batches, not Poisson sampling). Pass expected_batch_size=... or train with "
+                "safenorm.opacus.PrivacyEngine, which sets it.",
+                PrivacyWarning,
+                stacklevel=4,
+            )
+            self._warned_public_size = True
+        return float(batch_size)
+
+    def _handles_empty_batch(self) -> bool:
+        return self.expected_batch_size is not None
+
+    def _check_batch(self, input: Tensor) -> None:
+        """One value per channel is fine: the denominator and the noise do not depend on it."""
+
+    def _reference(self) -> SF.ClipReference:
+        if self.clip_reference == "none":
+            return SF.ClipReference()
+        return SF.ClipReference.from_running(self.running_mean, self.running_var, self.eps)
+
+    def _batch_forward(self, input: Tensor) -> Tensor:
+        denominator = self._denominator(input.shape[0])
+        reference = self._reference()
+        momentum = self._momentum_factor()
+        running_mean, running_var = self._running_buffers()
+        normalize_with = self.normalize_with if running_mean is not None else "batch"
+        output = SF.dp_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            True,
+            momentum,
+            self.eps,
+            clip_norm=self.clip_norm,
+            var_clip_norm=self.var_clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            denominator=denominator,
+            ghost_batch_size=self.ghost_batch_size,
+            reference=reference,
+            var_floor=self.var_floor,
+            normalize_with=normalize_with,
+            generator=self.generator,
+            secure_mode=self.secure_mode,
+        )
+        self._record_release()
+        return output
+
+
+class DPBatchNorm1d(DPBatchNorm):
+    __doc__ = DPBatchNorm.__doc__
+    _input_ranks = RANK_1D
+
+
+class DPBatchNorm2d(DPBatchNorm):
+    __doc__ = DPBatchNorm.__doc__
+    _input_ranks = RANK_2D
+
+
+class DPBatchNorm3d(DPBatchNorm):
+    __doc__ = DPBatchNorm.__doc__
+    _input_ranks = RANK_3D
