@@ -19,6 +19,7 @@ All statistics are computed in float32 (float64 for float64 input) whatever the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,11 @@ from torch import Tensor
 
 from safenorm.noise import gaussian_noise
 
+#: Sums a tensor over processes and returns the result (differentiable for the clipped variant).
+AllReduce = Callable[[Tensor], Tensor]
+
 __all__ = [
+    "AllReduce",
     "ClipReference",
     "Groups",
     "PrivateStatistics",
@@ -219,6 +224,8 @@ def private_statistics(
     var_floor: float = 0.0,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
+    all_reduce: AllReduce | None = None,
+    add_noise: bool = True,
 ) -> PrivateStatistics:
     """Clipped (and optionally noised) mean and variance of each group.
 
@@ -240,6 +247,10 @@ def private_statistics(
         reference: public centre/scale of the clipping units. Default: raw units.
         var_floor: lower bound of the variance in units of ``scale^2``.
         generator, secure_mode: the noise source (see :func:`safenorm.noise.gaussian_noise`).
+        all_reduce: sums tensors across processes (multi-process training); the clipped sums are
+            reduced before they are used, so every process gets the global statistics.
+        add_noise: whether this process adds the noise; with ``all_reduce`` exactly one process
+            must, so the global sum carries the noise once.
     """
     reference = reference or ClipReference()
     center, scale = reference.center_like(m), reference.scale_like(m)
@@ -247,7 +258,7 @@ def private_statistics(
 
     def noised_sum(contributions: Tensor, bound: float) -> Tensor:
         total = groups.sum(clip_rows(contributions, bound))
-        if noise_multiplier > 0:
+        if noise_multiplier > 0 and add_noise:
             noise = gaussian_noise(
                 tuple(total.shape),
                 device=total.device,
@@ -255,7 +266,7 @@ def private_statistics(
                 secure_mode=secure_mode,
             )
             total = total + noise.to(total.dtype) * (noise_multiplier * bound)
-        return total
+        return total if all_reduce is None else all_reduce(total)
 
     mean = center + scale * noised_sum((m - center) / scale, clip_norm) / size
     centred = (w + (m - groups.per_sample(mean)) ** 2) / scale**2
@@ -272,10 +283,22 @@ def clipped_statistics(
     clip_norm: float,
     var_clip_norm: float,
     reference: ClipReference | None = None,
+    all_reduce: AllReduce | None = None,
 ) -> PrivateStatistics:
-    """Per-sample-clipped statistics without noise (not DP): see :func:`private_statistics`."""
+    """Per-sample-clipped statistics without noise (not DP): see :func:`private_statistics`.
+
+    With ``all_reduce`` the denominators (actual group sizes) are summed across processes too.
+    """
+    if all_reduce is not None:
+        groups = Groups(index=groups.index, size=all_reduce(groups.size))
     return private_statistics(
-        m, w, groups, clip_norm=clip_norm, var_clip_norm=var_clip_norm, reference=reference
+        m,
+        w,
+        groups,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        reference=reference,
+        all_reduce=all_reduce,
     )
 
 
@@ -432,6 +455,7 @@ def clipped_batch_norm(
     ghost_batch_size: int | None = None,
     reference: ClipReference | None = None,
     detach_statistics: bool = False,
+    all_reduce: AllReduce | None = None,
 ) -> Tensor:
     """Batch normalization with per-sample-clipped statistics (bounded influence, not DP).
 
@@ -446,18 +470,25 @@ def clipped_batch_norm(
         ghost_batch_size: optional position-based ghost groups.
         reference: public centre/scale of the clipping units. Default: raw units.
         detach_statistics: stop gradients through the statistics.
+        all_reduce: sum the clipped sums and batch sizes across processes (no ghost groups).
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     m, w = per_sample_moments(input)
     groups = consecutive_groups(input.shape[0], ghost_batch_size, input.device)
     stats = clipped_statistics(
-        m, w, groups, clip_norm=clip_norm, var_clip_norm=var_clip_norm, reference=reference
+        m,
+        w,
+        groups,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        reference=reference,
+        all_reduce=all_reduce,
     )
     mean, var = stats.mean, stats.var
     if running_mean is not None and running_var is not None:
         pooled_running_update(
-            running_mean, running_var, mean, var, groups.size, spatial_size(input), momentum
+            running_mean, running_var, mean, var, stats.groups.size, spatial_size(input), momentum
         )
     if detach_statistics:
         mean, var = mean.detach(), var.detach()
@@ -476,6 +507,8 @@ def dp_statistics(
     var_floor: float = 0.0,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
+    all_reduce: AllReduce | None = None,
+    add_noise: bool = True,
 ) -> PrivateStatistics:
     """The DP release: noised clipped statistics of ``input``, detached.
 
@@ -491,6 +524,8 @@ def dp_statistics(
         denominator: the public batch size ``D`` (the expected batch size under Poisson
             sampling); each of ``G`` ghost groups gets ``D / G``.
         ghost_batch_size: target group size; ``G = max(1, round(D / ghost_batch_size))``.
+        all_reduce, add_noise: multi-process release (see :func:`private_statistics`); ``D`` is
+            then the global public batch size.
     """
     with torch.no_grad():
         m, w = per_sample_moments(input)
@@ -515,6 +550,8 @@ def dp_statistics(
             var_floor=var_floor,
             generator=generator,
             secure_mode=secure_mode,
+            all_reduce=all_reduce,
+            add_noise=add_noise,
         )
 
 
@@ -538,6 +575,8 @@ def dp_batch_norm(
     normalize_with: str = "batch",
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
+    all_reduce: AllReduce | None = None,
+    add_noise: bool = True,
 ) -> Tensor:
     """Batch normalization with differentially private (noised, clipped) statistics.
 
@@ -550,7 +589,7 @@ def dp_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps: as in
             :func:`ghost_batch_norm`.
         clip_norm, var_clip_norm, noise_multiplier, denominator, ghost_batch_size, reference,
-            var_floor, generator, secure_mode: see :func:`dp_statistics`.
+            var_floor, generator, secure_mode, all_reduce, add_noise: see :func:`dp_statistics`.
         normalize_with: ``"batch"`` or ``"running"``.
     """
     if not training:
@@ -566,6 +605,8 @@ def dp_batch_norm(
         var_floor=var_floor,
         generator=generator,
         secure_mode=secure_mode,
+        all_reduce=all_reduce,
+        add_noise=add_noise,
     )
     if running_mean is not None and running_var is not None:
         pooled_running_update(

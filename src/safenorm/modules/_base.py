@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.parameter import Parameter
 
+from safenorm import functional as SF
 from safenorm.functional import normalize
 
 __all__ = ["SafeBatchNormBase"]
@@ -169,6 +170,28 @@ class SafeBatchNormBase(nn.Module):
         if self.training and self.track_running_stats:
             return self.running_mean, self.running_var
         return None, None
+
+    def _all_reduce(self) -> tuple[SF.AllReduce | None, bool]:
+        """``(all_reduce, add_noise)`` for this process: sums over ``self.process_group``.
+
+        Without a process group, ``(None, True)``. With one, the sums are reduced with the
+        differentiable ``torch.distributed.nn.functional.all_reduce`` and only its rank 0 adds
+        noise, so the global sum carries the noise exactly once (as ``nn.SyncBatchNorm`` syncs
+        plain statistics).
+        """
+        group = getattr(self, "process_group", None)
+        if group is None:
+            return None, True
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{self._describe()} has a process_group but torch.distributed is not "
+                "initialized; call torch.distributed.init_process_group first or pass "
+                "process_group=None"
+            )
+        return (lambda t: all_reduce(t, group=group)), dist.get_rank(group) == 0
 
     def _uses_batch_statistics(self) -> bool:
         return self.training or self.running_mean is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -19,6 +19,14 @@ DEFAULT_MEAN_CLIP_PER_CHANNEL = 2.0
 DEFAULT_VAR_CLIP_PER_CHANNEL = 4.0
 
 ClipReferenceName = Literal["running", "none"]
+
+
+def check_sync(layer: str, process_group: Any, ghost_batch_size: int | None) -> None:
+    if process_group is not None and ghost_batch_size is not None:
+        raise ValueError(
+            f"{layer}: ghost_batch_size cannot be combined with a process_group; use one or the "
+            "other"
+        )
 
 
 def check_reference(layer: str, clip_reference: str) -> None:
@@ -61,6 +69,8 @@ class ClippedBatchNorm(SafeBatchNormBase):
         clip_reference: ``"running"`` or ``"none"`` (raw units; also used when the layer has no
             running statistics). Default: ``"running"``
         detach_statistics: stop gradients through the statistics. Default: ``False``
+        process_group: sync the clipped sums and batch sizes over this ``torch.distributed``
+            group (as ``nn.SyncBatchNorm``); ``None`` for no sync. Default: ``None``
 """
         + SHAPE_DOC
     )
@@ -89,6 +99,7 @@ class ClippedBatchNorm(SafeBatchNormBase):
         ghost_batch_size: int | None = None,
         clip_reference: ClipReferenceName = "running",
         detach_statistics: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -105,13 +116,20 @@ class ClippedBatchNorm(SafeBatchNormBase):
         self.ghost_batch_size = ghost_batch_size
         self.clip_reference = clip_reference
         self.detach_statistics = detach_statistics
+        self.process_group = process_group
+        check_sync(type(self).__name__, process_group, ghost_batch_size)
 
     def _reference(self) -> SF.ClipReference:
         if self.clip_reference == "none":
             return SF.ClipReference()
         return SF.ClipReference.from_running(self.running_mean, self.running_var, self.eps)
 
+    def _handles_empty_batch(self) -> bool:
+        # A process with no samples must still join the all-reduce of the others.
+        return self.process_group is not None
+
     def _batch_forward(self, input: Tensor) -> Tensor:
+        all_reduce, _ = self._all_reduce()
         reference = self._reference()
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
@@ -129,6 +147,7 @@ class ClippedBatchNorm(SafeBatchNormBase):
             ghost_batch_size=self.ghost_batch_size,
             reference=reference,
             detach_statistics=self.detach_statistics,
+            all_reduce=all_reduce,
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from safenorm import functional as SF
 from safenorm.modules._base import SafeBatchNormBase, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
-from safenorm.modules.clipped import ClipReferenceName, check_reference
+from safenorm.modules.clipped import ClipReferenceName, check_reference, check_sync
 from safenorm.warnings import PrivacyWarning
 
 __all__ = ["DPBatchNorm", "DPBatchNorm1d", "DPBatchNorm2d", "DPBatchNorm3d"]
@@ -75,6 +75,13 @@ class DPBatchNorm(SafeBatchNormBase):
         generator: ``torch.Generator`` for the noise and the group draw (seed it to reproduce a
             run). Default: torch's global generator
         secure_mode: draw the noise from the OS CSPRNG (no generator allowed). Default: ``False``
+        frozen_statistics: normalize with the (public, e.g. pre-trained) running statistics in
+            training too: nothing is released, the buffers are never updated, the privacy cost
+            is zero, and the affine parameters train with exact per-sample gradients.
+            Default: ``False``
+        process_group: sync the clipped sums over this ``torch.distributed`` group, noise added
+            once (by the group's rank 0); ``expected_batch_size`` is then the global batch size.
+            Default: ``None``
 """
         + SHAPE_DOC
     )
@@ -90,6 +97,7 @@ class DPBatchNorm(SafeBatchNormBase):
         "normalize_with",
         "var_floor",
         "secure_mode",
+        "frozen_statistics",
     )
 
     def __init__(
@@ -113,6 +121,8 @@ class DPBatchNorm(SafeBatchNormBase):
         var_floor: float = DEFAULT_VAR_FLOOR,
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
+        frozen_statistics: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -143,6 +153,14 @@ class DPBatchNorm(SafeBatchNormBase):
         self.var_floor = float(var_floor)
         self.generator = generator
         self.secure_mode = secure_mode
+        if frozen_statistics and not track_running_stats:
+            raise ValueError(
+                f"{name}: frozen_statistics=True needs running statistics "
+                "(track_running_stats=True, loaded from public pre-training)"
+            )
+        self.frozen_statistics = frozen_statistics
+        check_sync(name, process_group, ghost_batch_size)
+        self.process_group = process_group
         #: Gaussian releases made so far (two per training-mode forward with batch statistics).
         self.release_count = 0
         self._release_hooks: dict[int, ReleaseHook] = {}
@@ -163,9 +181,12 @@ class DPBatchNorm(SafeBatchNormBase):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def _denominator(self, batch_size: int) -> float:
+    def _denominator(self, input: Tensor, all_reduce: SF.AllReduce | None) -> float:
         if self.expected_batch_size is not None:
             return float(self.expected_batch_size)
+        batch_size = torch.tensor(float(input.shape[0]), device=input.device)
+        if all_reduce is not None:
+            batch_size = all_reduce(batch_size)
         if not self._warned_public_size:
             warnings.warn(
                 f"{self._describe()} has no expected_batch_size: it divides by the actual batch "
@@ -179,7 +200,10 @@ class DPBatchNorm(SafeBatchNormBase):
         return float(batch_size)
 
     def _handles_empty_batch(self) -> bool:
-        return self.expected_batch_size is not None
+        return self.expected_batch_size is not None or self.process_group is not None
+
+    def _uses_batch_statistics(self) -> bool:
+        return super()._uses_batch_statistics() and not self.frozen_statistics
 
     def _check_batch(self, input: Tensor) -> None:
         """One value per channel is fine: the denominator and the noise do not depend on it."""
@@ -190,7 +214,8 @@ class DPBatchNorm(SafeBatchNormBase):
         return SF.ClipReference.from_running(self.running_mean, self.running_var, self.eps)
 
     def _batch_forward(self, input: Tensor) -> Tensor:
-        denominator = self._denominator(input.shape[0])
+        all_reduce, add_noise = self._all_reduce()
+        denominator = self._denominator(input, all_reduce)
         reference = self._reference()
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
@@ -214,6 +239,8 @@ class DPBatchNorm(SafeBatchNormBase):
             normalize_with=normalize_with,
             generator=self.generator,
             secure_mode=self.secure_mode,
+            all_reduce=all_reduce,
+            add_noise=add_noise,
         )
         self._record_release()
         return output
