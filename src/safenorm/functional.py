@@ -42,6 +42,9 @@ __all__ = [
     "clipped_statistics",
     "consecutive_groups",
     "dp_batch_norm",
+    "dp_release",
+    "dp_statistics",
+    "frozen_normalize",
     "ghost_batch_norm",
     "normalize",
     "per_sample_moments",
@@ -380,18 +383,31 @@ def normalize(
     return out.to(x.dtype)
 
 
-def _frozen_normalize(x, mean, var, weight, bias, eps):
-    """Normalize with detached per-channel statistics by the native kernel."""
-    return F.batch_norm(
-        x,
-        mean.to(x.dtype) if x.dtype == torch.float64 else mean,
-        var,
-        weight,
-        bias,
-        False,
-        0.0,
-        eps,
-    )
+def frozen_normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Normalize with statistics that are constants (no gradient flows into them).
+
+    Per-channel ``(C,)`` statistics use the native ``F.batch_norm`` in eval form; per-sample
+    ``(N, C)`` statistics (DP ghost groups) use :func:`normalize` on detached values.
+
+    Args:
+        x: ``(N, C, *S)`` input.
+        mean, var: ``(C,)`` or ``(N, C)`` statistics (float32, float64 for float64 input).
+        weight, bias: ``(C,)`` or ``None``.
+        eps: added to the variance.
+    """
+    mean, var = mean.detach(), var.detach()
+    if mean.dim() == 2:
+        return normalize(x, mean, var, weight, bias, eps)
+    if x.dtype == torch.float64:
+        mean, var = mean.double(), var.double()
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,6 +571,75 @@ def dp_statistics(
         )
 
 
+def dp_release(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float = 0.1,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None = None,
+    reference: ClipReference | None = None,
+    var_floor: float = 0.0,
+    normalize_with: str = "batch",
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    all_reduce: AllReduce | None = None,
+    add_noise: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Release DP statistics of ``input``, update the running buffers from them, and return the
+    (detached) statistics to normalize with.
+
+    Args:
+        input, clip_norm, var_clip_norm, noise_multiplier, denominator, ghost_batch_size,
+            reference, var_floor, generator, secure_mode, all_reduce, add_noise: see
+            :func:`dp_statistics`.
+        running_mean, running_var: ``(C,)`` buffers updated in place from the released values
+            only, or ``None``.
+        momentum: weight of the new statistics in the running update.
+        normalize_with: ``"batch"`` (this release) or ``"running"`` (the updated running
+            statistics, post-processing of earlier releases).
+
+    Returns:
+        ``(mean, var)``: ``(C,)`` per-channel, or ``(N, C)`` per-sample with ghost groups under
+        ``normalize_with="batch"``; biased variance, detached.
+    """
+    stats = dp_statistics(
+        input,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        noise_multiplier=noise_multiplier,
+        denominator=denominator,
+        ghost_batch_size=ghost_batch_size,
+        reference=reference,
+        var_floor=var_floor,
+        generator=generator,
+        secure_mode=secure_mode,
+        all_reduce=all_reduce,
+        add_noise=add_noise,
+    )
+    if running_mean is not None and running_var is not None:
+        pooled_running_update(
+            running_mean,
+            running_var,
+            stats.mean,
+            stats.var,
+            stats.groups.size,
+            spatial_size(input),
+            momentum,
+        )
+    if normalize_with == "running":
+        if running_mean is None or running_var is None:
+            raise ValueError("normalize_with='running' needs running statistics")
+        return running_mean.detach().clone(), running_var.detach().clone()
+    if stats.groups.count == 1:
+        return stats.mean[0], stats.var[0]
+    return stats.groups.per_sample(stats.mean), stats.groups.per_sample(stats.var)
+
+
 def dp_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -594,8 +679,11 @@ def dp_batch_norm(
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    stats = dp_statistics(
+    mean, var = dp_release(
         input,
+        running_mean,
+        running_var,
+        momentum,
         clip_norm=clip_norm,
         var_clip_norm=var_clip_norm,
         noise_multiplier=noise_multiplier,
@@ -603,30 +691,10 @@ def dp_batch_norm(
         ghost_batch_size=ghost_batch_size,
         reference=reference,
         var_floor=var_floor,
+        normalize_with=normalize_with,
         generator=generator,
         secure_mode=secure_mode,
         all_reduce=all_reduce,
         add_noise=add_noise,
     )
-    if running_mean is not None and running_var is not None:
-        pooled_running_update(
-            running_mean,
-            running_var,
-            stats.mean,
-            stats.var,
-            stats.groups.size,
-            spatial_size(input),
-            momentum,
-        )
-    if normalize_with == "running":
-        if running_mean is None or running_var is None:
-            raise ValueError("normalize_with='running' needs running statistics")
-        return _frozen_normalize(
-            input, running_mean.clone(), running_var.clone(), weight, bias, eps
-        )
-    if stats.groups.count == 1:
-        return _frozen_normalize(input, stats.mean[0], stats.var[0], weight, bias, eps)
-    groups = stats.groups
-    return normalize(
-        input, groups.per_sample(stats.mean), groups.per_sample(stats.var), weight, bias, eps
-    )
+    return frozen_normalize(input, mean, var, weight, bias, eps)

@@ -165,6 +165,9 @@ class DPBatchNorm(SafeBatchNormBase):
         self.release_count = 0
         self._release_hooks: dict[int, ReleaseHook] = {}
         self._warned_public_size = False
+        #: ``(mean, var)`` this layer normalized with in its last forward, ``(C,)`` or ``(N, C)``
+        #: (per-sample with DP ghost groups); released values, used by the per-sample gradients.
+        self.last_statistics: tuple[Tensor, Tensor] | None = None
 
     # -- accounting ------------------------------------------------------------------------------
 
@@ -220,15 +223,11 @@ class DPBatchNorm(SafeBatchNormBase):
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
         normalize_with = self.normalize_with if running_mean is not None else "batch"
-        output = SF.dp_batch_norm(
+        mean, var = SF.dp_release(
             input,
             running_mean,
             running_var,
-            self.weight,
-            self.bias,
-            True,
             momentum,
-            self.eps,
             clip_norm=self.clip_norm,
             var_clip_norm=self.var_clip_norm,
             noise_multiplier=self.noise_multiplier,
@@ -243,7 +242,8 @@ class DPBatchNorm(SafeBatchNormBase):
             add_noise=add_noise,
         )
         self._record_release()
-        return output
+        self.last_statistics = (mean, var)
+        return SF.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
 
 
 class DPBatchNorm1d(DPBatchNorm):
