@@ -76,6 +76,9 @@ def per_sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     xs = x.to(_stat_dtype(x))
     if x.dim() == 2:
         return xs, torch.zeros_like(xs)
+    if x.shape[0] == 0:
+        empty = xs.new_zeros(x.shape[:2])
+        return empty, empty
     w, m = torch.var_mean(xs, dim=tuple(range(2, x.dim())), correction=0)
     return m, w
 
