@@ -206,7 +206,7 @@ def test_replacing_one_sample_moves_clipped_statistics_within_the_bound(adversar
         return m, s.mean[0], s.var[0]
 
     m, mu, var = clipped(x)
-    m_adv, mu_adv, var_adv = clipped(x_adv)
+    _, mu_adv, var_adv = clipped(x_adv)
     s = reference.scale
     # Mean: one replaced sample moves mu by at most 2 R1 / D in reference units.
     assert float(torch.linalg.vector_norm((mu_adv - mu) / s)) <= 2 * r1 / n + 1e-9
