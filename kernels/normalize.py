@@ -1,0 +1,342 @@
+"""Stage 3: normalize + affine, and its backward with the per-sample affine gradients.
+
+Forward: ``y = x * scale + shift`` with ``scale = rstd * weight`` and
+``shift = bias - mean * scale`` folded on the host per channel ``(C,)`` or per sample and
+channel ``(N, C)`` (ghost groups), fp32 math, output in ``x``'s dtype and memory format.
+
+Backward, one kernel with two passes selected by constexpr flags:
+
+* ``REDUCE``: per-(sample, channel) partial sums ``sum_s dy * xhat`` and ``sum_s dy`` into
+  ``(N, C, splits)`` fp32 buffers summed on the host (deterministic). These are exactly the
+  per-sample gradients of ``weight`` and ``bias`` (Opacus' grad sampler) and, summed over the
+  samples, ``dweight`` and ``dbias``; with statistics that depend on the batch they also give
+  the gradients of the statistics.
+* ``WRITE_DX``: ``dx = dy * scale + coef * (x - center) + offset`` with per-(sample, channel)
+  coefficients; the last two terms (``STATS_TERM``) carry the gradient through per-sample
+  moments ``(m, w)`` (``dm / M`` and ``2 dw / M``) and are dropped for frozen statistics.
+
+Frozen statistics (DP) run both in one pass (read ``x``, ``dy``; write ``dx``); statistics that
+depend on the batch need the sums before ``dx``: two passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._tiling import as_3d, tiling
+
+__all__ = ["normalize_backward", "normalize_forward"]
+
+
+@triton.jit
+def _normalize_forward_kernel(
+    x_ptr,  # (N, C, M) input, strided
+    y_ptr,  # (N, C, M) output, x's dtype, strided
+    scale_ptr,  # (N or 1, C) fp32
+    shift_ptr,  # (N or 1, C) fp32
+    C,
+    M,
+    SPLITS,
+    M_PER_SPLIT,
+    x_stride_n,
+    x_stride_c,
+    x_stride_m,
+    y_stride_n,
+    y_stride_c,
+    y_stride_m,
+    stat_stride_n,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``y = x * scale + shift`` on one (sample, channel block, spatial split).
+
+    Args:
+        x_ptr, y_ptr: input and output viewed as ``(N, C, M)``.
+        scale_ptr, shift_ptr: fp32 per-(sample, channel) coefficients, row stride
+            ``stat_stride_n`` (0 for per-channel statistics), unit channel stride.
+        C, M, SPLITS, M_PER_SPLIT: sizes and spatial split.
+        x_stride_*, y_stride_*: strides of the views (elements).
+        BLOCK_C, BLOCK_M: tile of one loop step.
+    """
+    pid_ns = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = pid_ns // SPLITS
+    split = pid_ns % SPLITS
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    scale = tl.load(scale_ptr + n * stat_stride_n + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + n * stat_stride_n + c, mask=c_mask, other=0.0)
+    x_row = x_ptr + n.to(tl.int64) * x_stride_n + c.to(tl.int64) * x_stride_c
+    y_row = y_ptr + n.to(tl.int64) * y_stride_n + c.to(tl.int64) * y_stride_c
+    m_start = split * M_PER_SPLIT
+    for m_off in range(0, M_PER_SPLIT, BLOCK_M):
+        m = (m_start + m_off + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = c_mask[:, None] & (m < M)[None, :]
+        x = tl.load(x_row[:, None] + m[None, :] * x_stride_m, mask=mask, other=0.0)
+        y = x.to(tl.float32) * scale[:, None] + shift[:, None]
+        tl.store(y_row[:, None] + m[None, :] * y_stride_m, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalize_backward_kernel(
+    dy_ptr,  # (N, C, M) upstream gradient, strided
+    x_ptr,  # (N, C, M) input, strided
+    dx_ptr,  # (N, C, M) out (WRITE_DX), x's dtype and strides
+    mean_ptr,  # (N or 1, C) fp32, centre of xhat (REDUCE)
+    rstd_ptr,  # (N or 1, C) fp32, 1 / sqrt(var + eps) (REDUCE)
+    scale_ptr,  # (N or 1, C) fp32, dx = dy * scale ... (WRITE_DX)
+    coef_ptr,  # (N, C) fp32, ... + coef * (x - center) + offset (STATS_TERM)
+    center_ptr,  # (N, C) fp32 (STATS_TERM)
+    offset_ptr,  # (N, C) fp32 (STATS_TERM)
+    sdyx_ptr,  # (N, C, SPLITS) fp32 out: partial sum of dy * xhat (REDUCE)
+    sdy_ptr,  # (N, C, SPLITS) fp32 out: partial sum of dy (REDUCE)
+    C,
+    M,
+    SPLITS,
+    M_PER_SPLIT,
+    dy_stride_n,
+    dy_stride_c,
+    dy_stride_m,
+    x_stride_n,
+    x_stride_c,
+    x_stride_m,
+    dx_stride_n,
+    dx_stride_c,
+    dx_stride_m,
+    stat_stride_n,
+    REDUCE: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    STATS_TERM: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Per-sample affine-gradient sums and/or ``dx`` on one (sample, channel block, split).
+
+    Args:
+        dy_ptr, x_ptr, dx_ptr: ``(N, C, M)`` views with their own strides.
+        mean_ptr, rstd_ptr, scale_ptr: fp32 ``(N or 1, C)`` with row stride ``stat_stride_n``.
+        coef_ptr, center_ptr, offset_ptr: fp32 ``(N, C)`` contiguous (``STATS_TERM`` only).
+        sdyx_ptr, sdy_ptr: fp32 ``(N, C, SPLITS)`` partial sums (``REDUCE`` only).
+        C, M, SPLITS, M_PER_SPLIT: sizes and spatial split.
+        REDUCE: accumulate the partial sums. WRITE_DX: write ``dx``. STATS_TERM: add the
+            gradient through the per-sample moments to ``dx``.
+        BLOCK_C, BLOCK_M: tile of one loop step.
+    """
+    pid_ns = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = pid_ns // SPLITS
+    split = pid_ns % SPLITS
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    stat = n * stat_stride_n + c
+    per_sample = n * C + c
+    if REDUCE:
+        mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)
+        acc_dyx = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+        acc_dy = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+    if WRITE_DX:
+        scale = tl.load(scale_ptr + stat, mask=c_mask, other=0.0)
+        if STATS_TERM:
+            coef = tl.load(coef_ptr + per_sample, mask=c_mask, other=0.0)
+            center = tl.load(center_ptr + per_sample, mask=c_mask, other=0.0)
+            offset = tl.load(offset_ptr + per_sample, mask=c_mask, other=0.0)
+    dy_row = dy_ptr + n.to(tl.int64) * dy_stride_n + c.to(tl.int64) * dy_stride_c
+    x_row = x_ptr + n.to(tl.int64) * x_stride_n + c.to(tl.int64) * x_stride_c
+    dx_row = dx_ptr + n.to(tl.int64) * dx_stride_n + c.to(tl.int64) * dx_stride_c
+    m_start = split * M_PER_SPLIT
+    for m_off in range(0, M_PER_SPLIT, BLOCK_M):
+        m = (m_start + m_off + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = c_mask[:, None] & (m < M)[None, :]
+        dy = tl.load(dy_row[:, None] + m[None, :] * dy_stride_m, mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        if REDUCE or STATS_TERM:
+            x = tl.load(x_row[:, None] + m[None, :] * x_stride_m, mask=mask, other=0.0)
+            x = x.to(tl.float32)
+        if REDUCE:
+            acc_dy += dy
+            acc_dyx += tl.where(mask, dy * (x - mean[:, None]), 0.0)
+        if WRITE_DX:
+            dx = dy * scale[:, None]
+            if STATS_TERM:
+                dx += coef[:, None] * (x - center[:, None]) + offset[:, None]
+            tl.store(
+                dx_row[:, None] + m[None, :] * dx_stride_m,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask,
+            )
+    if REDUCE:
+        rstd = tl.load(rstd_ptr + stat, mask=c_mask, other=0.0)
+        out = per_sample * SPLITS + split
+        tl.store(sdyx_ptr + out, tl.sum(acc_dyx, axis=1) * rstd, mask=c_mask)
+        tl.store(sdy_ptr + out, tl.sum(acc_dy, axis=1), mask=c_mask)
+
+
+def _check_input(name: str, x: Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} supports float32/float16/bfloat16 input, got {x.dtype}")
+
+
+def _stat(t: Tensor, n: int, c: int) -> tuple[Tensor, int]:
+    """fp32 contiguous per-channel ``(C,)`` or per-sample ``(N, C)`` values and their row stride."""
+    t = t.detach().to(torch.float32).contiguous()
+    if t.shape == (c,):
+        return t, 0
+    if t.shape == (n, c):
+        return t, c
+    raise ValueError(f"expected statistics of shape ({c},) or ({n}, {c}), got {tuple(t.shape)}")
+
+
+def normalize_forward(
+    x: Tensor, scale: Tensor, shift: Tensor, *, num_splits: int | None = None
+) -> Tensor:
+    """``y = x * scale + shift`` per channel or per (sample, channel).
+
+    Args:
+        x: ``(N, C, *S)`` float32/float16/bfloat16, any memory format (contiguous and
+            channels-last run in place, others are copied).
+        scale, shift: ``(C,)`` or ``(N, C)``, any float dtype (used in fp32).
+        num_splits: force this many spatial splits (tests).
+
+    Returns:
+        ``y`` of ``x``'s shape, dtype and memory format.
+    """
+    _check_input("normalize_forward", x)
+    n, c, m_size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    scale, stat_stride = _stat(scale, n, c)
+    shift, shift_stride = _stat(shift, n, c)
+    if shift_stride != stat_stride:
+        scale, shift = scale.expand(n, c).contiguous(), shift.expand(n, c).contiguous()
+        stat_stride = c
+    x, x_strides = as_3d(x)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    _, y_strides = as_3d(y)
+    t = tiling(n, c, m_size, x_strides, x.device, num_splits)
+    # One program: one sample, BLOCK_C channels, one spatial split.
+    grid = (n * t.splits, triton.cdiv(c, t.block_c))
+    _normalize_forward_kernel[grid](
+        x,
+        y,
+        scale,
+        shift,
+        c,
+        m_size,
+        t.splits,
+        t.m_per_split,
+        *x_strides,
+        *y_strides,
+        stat_stride,
+        BLOCK_C=t.block_c,
+        BLOCK_M=t.block_m,
+    )
+    return y
+
+
+def normalize_backward(
+    grad_output: Tensor,
+    x: Tensor,
+    mean: Tensor | None,
+    rstd: Tensor | None,
+    scale: Tensor | None,
+    coef: Tensor | None = None,
+    center: Tensor | None = None,
+    offset: Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of ``normalize_forward``: per-sample affine sums and/or the input gradient.
+
+    Computes, in one pass over ``(grad_output, x)``:
+
+    * if ``mean`` and ``rstd`` are given: ``sdyx[n, c] = sum_s dy * (x - mean) * rstd`` and
+      ``sdy[n, c] = sum_s dy``;
+    * if ``scale`` is given: ``dx = dy * scale [+ coef * (x - center) + offset]``, the bracket
+      when ``coef``, ``center`` and ``offset`` (all ``(N, C)``) are given.
+
+    Args:
+        grad_output: ``(N, C, *S)`` ``dy``, float32/float16/bfloat16, any memory format.
+        x: ``(N, C, *S)`` the forward input (same shape as ``grad_output``).
+        mean, rstd: ``(C,)`` or ``(N, C)`` statistics of the forward, or ``None`` (no sums).
+        scale: ``(C,)`` or ``(N, C)`` ``rstd * weight``, or ``None`` (no ``dx``).
+        coef, center, offset: ``(N, C)`` gradient through per-sample moments, or ``None``.
+        num_splits: force this many spatial splits (tests).
+
+    Returns:
+        ``(dx, sdyx, sdy)``: ``dx`` in ``x``'s dtype and memory format (``None`` without
+        ``scale``); ``sdyx`` and ``sdy`` ``(N, C)`` fp32 (``None`` without ``mean``/``rstd``).
+    """
+    _check_input("normalize_backward", x)
+    _check_input("normalize_backward", grad_output)
+    if grad_output.shape != x.shape:
+        raise ValueError(
+            f"grad_output shape {tuple(grad_output.shape)} != input shape {tuple(x.shape)}"
+        )
+    reduce = mean is not None and rstd is not None
+    write_dx = scale is not None
+    stats_term = coef is not None and center is not None and offset is not None
+    if not (reduce or write_dx):
+        raise ValueError("normalize_backward: nothing to compute (give mean/rstd and/or scale)")
+    if stats_term and not write_dx:
+        raise ValueError("normalize_backward: coef/center/offset need scale")
+    n, c, m_size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
+    stats = {"mean": mean, "rstd": rstd, "scale": scale}
+    stats = {k: _stat(v, n, c) for k, v in stats.items() if v is not None}
+    # Per-channel statistics read with row stride 0; if any is per-sample, broadcast all.
+    stat_stride = max(stride for _, stride in stats.values())
+    stats = {
+        k: v if s == stat_stride else v.expand(n, c).contiguous() for k, (v, s) in stats.items()
+    }
+    mean, rstd, scale = stats.get("mean"), stats.get("rstd"), stats.get("scale")
+    if stats_term:
+        coef = _stat(coef, n, c)[0].expand(n, c).contiguous()
+        center = _stat(center, n, c)[0].expand(n, c).contiguous()
+        offset = _stat(offset, n, c)[0].expand(n, c).contiguous()
+    x, x_strides = as_3d(x)
+    grad_output, dy_strides = as_3d(grad_output)
+    dx = torch.empty_like(x) if write_dx else None
+    sdyx = sdy = None
+    t = tiling(n, c, m_size, x_strides, x.device, num_splits)
+    if reduce:
+        sdyx = torch.zeros((n, c, t.splits), device=x.device, dtype=torch.float32)
+        sdy = torch.zeros_like(sdyx)
+    if x.numel() > 0:
+        dx_strides = as_3d(dx)[1] if write_dx else x_strides
+        # One program: one sample, BLOCK_C channels, one spatial split.
+        grid = (n * t.splits, triton.cdiv(c, t.block_c))
+        _normalize_backward_kernel[grid](
+            grad_output,
+            x,
+            dx if write_dx else dummy,
+            mean if reduce else dummy,
+            rstd if reduce else dummy,
+            scale if write_dx else dummy,
+            coef if stats_term else dummy,
+            center if stats_term else dummy,
+            offset if stats_term else dummy,
+            sdyx if reduce else dummy,
+            sdy if reduce else dummy,
+            c,
+            m_size,
+            t.splits,
+            t.m_per_split,
+            *dy_strides,
+            *x_strides,
+            *dx_strides,
+            stat_stride,
+            REDUCE=reduce,
+            WRITE_DX=write_dx,
+            STATS_TERM=stats_term,
+            BLOCK_C=t.block_c,
+            BLOCK_M=t.block_m,
+        )
+    if reduce:
+        # Combine the splits in a fixed order (deterministic).
+        sdyx, sdy = sdyx.sum(dim=2), sdy.sum(dim=2)
+    return dx, sdyx, sdy
