@@ -165,6 +165,7 @@ class DPBatchNorm(SafeBatchNormBase):
         self.release_count = 0
         self._release_hooks: dict[int, ReleaseHook] = {}
         self._warned_public_size = False
+        self._warned_unaccounted = False
         #: ``(mean, var)`` this layer normalized with in its last forward, ``(C,)`` or ``(N, C)``
         #: (per-sample with DP ghost groups); released values, used by the per-sample gradients.
         self.last_statistics: tuple[Tensor, Tensor] | None = None
@@ -179,6 +180,17 @@ class DPBatchNorm(SafeBatchNormBase):
 
     def _record_release(self) -> None:
         self.release_count += RELEASES_PER_FORWARD
+        if not self._release_hooks and not self._warned_unaccounted:
+            warnings.warn(
+                f"UNACCOUNTED PRIVACY COST: {self._describe()} released noised batch statistics "
+                "(2 Gaussian releases per training forward) but no privacy accountant is "
+                "attached to it, so no reported epsilon includes this cost. Train with "
+                "safenorm.opacus.PrivacyEngine, or count the releases with "
+                "safenorm.privacy.ReleaseLedger.",
+                PrivacyWarning,
+                stacklevel=6,
+            )
+            self._warned_unaccounted = True
         for hook in list(self._release_hooks.values()):
             hook(self, RELEASES_PER_FORWARD)
 
