@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -163,7 +164,7 @@ class DPBatchNorm(SafeBatchNormBase):
         self.process_group = process_group
         #: Gaussian releases made so far (two per training-mode forward with batch statistics).
         self.release_count = 0
-        self._release_hooks: dict[int, ReleaseHook] = {}
+        self._release_hooks: OrderedDict[int, ReleaseHook] = OrderedDict()  # weakref-able
         self._warned_public_size = False
         self._warned_unaccounted = False
         #: ``(mean, var)`` this layer normalized with in its last forward, ``(C,)`` or ``(N, C)``
