@@ -168,3 +168,19 @@ def test_ghost_module_with_ragged_group_matches_functional():
     )
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.running_var, running_var)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (2, 3, 2, 3), (2, 2, 1, 2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_sample_moments_values_and_gradient(shape, channels_last):
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 7
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    m, w = safenorm.functional.per_sample_moments(x)
+    flat = x.detach().reshape(*shape[:2], -1)
+    torch.testing.assert_close(m, flat.mean(-1))
+    torch.testing.assert_close(w, flat.var(-1, unbiased=False))
+    torch.autograd.gradcheck(
+        lambda t: safenorm.functional.per_sample_moments(t), (x,), check_batched_grad=False
+    )

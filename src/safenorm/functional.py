@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from safenorm.noise import gaussian_noise
 
@@ -63,6 +64,36 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+class _PerSampleMoments(torch.autograd.Function):
+    """``(m, w)`` by two passes (mean, then mean of squared deviations) with a one-pass backward.
+
+    ``torch.var_mean`` over the spatial axes is several times slower on CPU than a mean and a
+    squared-deviation mean, and autograd through ``(x - m)**2`` costs three elementwise passes;
+    the analytic gradient ``dx = (dm + 2 (x - m) dw) / M`` costs one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        xs = x.to(_stat_dtype(x))
+        spatial = tuple(range(2, x.dim()))
+        m = xs.mean(spatial)
+        deviation = xs - m.view(*m.shape, *([1] * len(spatial)))
+        w = deviation.square_().mean(spatial)
+        ctx.save_for_backward(x, m)
+        ctx.spatial = spatial
+        return m, w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dm: Tensor, dw: Tensor) -> Tensor:
+        x, m = ctx.saved_tensors
+        size = math.prod(x.shape[2:])
+        slope = 2.0 * dw / size
+        offset = dm / size - slope * m
+        view = (*m.shape, *([1] * len(ctx.spatial)))
+        return torch.addcmul(offset.view(view), x, slope.view(view)).to(x.dtype)
+
+
 def per_sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) mean and centred second moment over the spatial axes.
 
@@ -72,15 +103,15 @@ def per_sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(m, w)``, each of shape ``(N, C)`` in float32 (float64 for float64 input):
         ``m = mean_s x`` and ``w = mean_s (x - m)^2`` (biased, ``0`` when ``M = 1``).
+        Differentiable with respect to ``x``.
     """
-    xs = x.to(_stat_dtype(x))
     if x.dim() == 2:
+        xs = x.to(_stat_dtype(x))
         return xs, torch.zeros_like(xs)
     if x.shape[0] == 0:
-        empty = xs.new_zeros(x.shape[:2])
+        empty = x.new_zeros(x.shape[:2], dtype=_stat_dtype(x))
         return empty, empty
-    w, m = torch.var_mean(xs, dim=tuple(range(2, x.dim())), correction=0)
-    return m, w
+    return _PerSampleMoments.apply(x)
 
 
 def spatial_size(x: Tensor) -> int:
