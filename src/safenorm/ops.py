@@ -1,0 +1,829 @@
+"""Dispatch of the safenorm layer functions to fused Triton kernels through ``torch.library``.
+
+The functions here have the signatures of their namesakes in :mod:`safenorm.functional`
+(:func:`ghost_batch_norm`, :func:`clipped_batch_norm`, :func:`dp_batch_norm`,
+:func:`dp_release`, :func:`frozen_normalize`) and compute the same thing; with the Triton
+backend they run as ``torch.library`` custom ops (``torch.ops.safenorm.*``):
+
+* stage 1, per-(sample, channel) moments: ``safenorm::moments`` (``kernels/moments.py``);
+* stage 2, the tiny per-channel combine (ghost groups, clipping, noise, running update): plain
+  PyTorch on ``(N, C)`` tensors, by the helpers of :mod:`safenorm.functional`;
+* stage 3, normalize + affine and its backward: ``safenorm::batch_norm_train`` (statistics that
+  depend on the batch, gradients through them), ``safenorm::normalize`` (frozen statistics, DP),
+  ``safenorm::affine_grad_sums`` (per-sample affine gradients, fused in the backward),
+  ``safenorm::normalize_backward``, ``safenorm::frozen_normalize_backward``;
+* ``safenorm::running_update`` mutates the running buffers (``mutates_args``).
+
+Every op has a PyTorch implementation (CPU and any device; the reference math) and a Triton one
+registered for CUDA, plus fake (meta) implementations and autograd formulas, so
+``torch.compile(fullgraph=True)`` captures the layers whole.
+
+Backend selection (:func:`set_backend`, or the environment variable ``SAFENORM_BACKEND``):
+
+* ``"auto"`` (default): the custom ops on CUDA tensors when Triton is installed (float64 stays on
+  PyTorch) and whenever ``torch.compile`` is tracing; otherwise (eager CPU) the functions of
+  :mod:`safenorm.functional` directly.
+* ``"torch"``: always :mod:`safenorm.functional` (the reference; nothing here is used).
+* ``"triton"``: always the custom ops with the Triton kernels; on CPU only under
+  ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests).
+
+Multi-process statistics (``all_reduce``) always take the :mod:`safenorm.functional` path.
+
+The backward of statistics that depend on the batch is two passes over ``(x, dy)``: the first
+gives the per-sample sums ``sum_s dy * xhat`` and ``sum_s dy`` (the per-sample affine
+gradients), the tiny stage-2 backward runs by ``torch.func.vjp`` through the very functions of
+:mod:`safenorm.functional` that made the statistics, and the second writes ``dx``. With frozen
+statistics one pass does both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from safenorm import functional as SF
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "clipped_batch_norm",
+    "dp_batch_norm",
+    "dp_release",
+    "frozen_normalize",
+    "get_backend",
+    "ghost_batch_norm",
+    "kernels_available",
+    "per_sample_affine_grads",
+    "set_backend",
+    "use_backend",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+#: Environment variable read at import: the initial backend.
+BACKEND_ENV = "SAFENORM_BACKEND"
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown safenorm backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+_backend = _check_backend(os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Select ``"auto"``, ``"torch"`` or ``"triton"`` for every safenorm layer (process-wide)."""
+    global _backend
+    _backend = _check_backend(name)
+
+
+def get_backend() -> str:
+    """The backend selected by :func:`set_backend` (or ``SAFENORM_BACKEND``)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: select a backend for the duration of a block."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.cache
+def _kernel_modules() -> tuple[Any, Any] | None:
+    try:
+        from safenorm.kernels import moments, normalize
+    except ImportError:
+        return None
+    return moments, normalize
+
+
+def kernels_available() -> bool:
+    """Whether Triton and the safenorm kernels can be imported."""
+    return _kernel_modules() is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernel_dtype(x: Tensor) -> bool:
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_kernels(x: Tensor) -> bool:
+    """Inside an op implementation: run the Triton kernels on this tensor?"""
+    if _backend == "torch" or not _kernel_dtype(x) or not kernels_available():
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and _backend == "triton" and _interpreting()
+
+
+def _dispatch(x: Tensor) -> bool:
+    """In a layer function: go through the custom ops (else :mod:`safenorm.functional`)?"""
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        if not kernels_available():
+            raise RuntimeError(
+                "safenorm backend 'triton' needs Triton (pip install safenorm[triton]); "
+                "use set_backend('auto') or 'torch'"
+            )
+        if x.device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"safenorm backend 'triton' runs on CUDA tensors, got a {x.device.type} tensor; "
+                "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU"
+            )
+        return True
+    if torch.compiler.is_compiling():
+        return True
+    return x.device.type == "cuda" and _kernel_dtype(x) and kernels_available()
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers (shapes, groups, views)
+# ----------------------------------------------------------------------------------------------
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _view(t: Tensor, x: Tensor) -> Tensor:
+    """``(C,)`` or ``(N, C)`` values as a view broadcastable against ``x`` of ``(N, C, *S)``."""
+    tail = [1] * (x.dim() - 2)
+    return t.reshape(*t.shape, *tail) if t.dim() == 2 else t.reshape(1, -1, *tail)
+
+
+def _spatial_sum(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.sum(dim=tuple(range(2, t.dim())))
+
+
+def _group_count(n: int, ghost_batch_size: int) -> int:
+    g = n if ghost_batch_size <= 0 or ghost_batch_size >= n else ghost_batch_size
+    return max(1, -(-n // max(g, 1)))
+
+
+def _consecutive_groups(n: int, ghost_batch_size: int, device: torch.device) -> SF.Groups:
+    """:func:`safenorm.functional.consecutive_groups` without ``bincount`` (traceable)."""
+    g = max(1, n if ghost_batch_size <= 0 or ghost_batch_size >= n else ghost_batch_size)
+    count = _group_count(n, ghost_batch_size)
+    size = torch.clamp(n - torch.arange(count, device=device) * g, max=g).to(torch.float32)
+    return SF.Groups(index=torch.arange(n, device=device) // g, size=size)
+
+
+def _group_statistics(
+    m: Tensor,
+    w: Tensor,
+    groups: SF.Groups,
+    clipped: bool,
+    clip_norm: float,
+    var_clip_norm: float,
+    center: Tensor | None,
+    scale: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Stage 2 of the ghost / clipped variants: ``(G, C)`` group mean and variance."""
+    if not clipped:
+        return SF.batch_statistics(m, w, groups)
+    stats = SF.clipped_statistics(
+        m,
+        w,
+        groups,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        reference=SF.ClipReference(center=center, scale=scale),
+    )
+    return stats.mean, stats.var
+
+
+def _per_sample_or_channel(mean: Tensor, var: Tensor, groups: SF.Groups) -> tuple[Tensor, Tensor]:
+    if groups.count == 1:
+        return mean[0], var[0]
+    return groups.per_sample(mean), groups.per_sample(var)
+
+
+def _affine_coefficients(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rstd, scale, shift)`` with ``y = x * scale + shift`` (as :func:`SF.normalize`)."""
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    return rstd, scale, shift
+
+
+def _normalize_impl(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    if _use_kernels(x):
+        _, scale, shift = _affine_coefficients(mean.float(), var.float(), weight, bias, eps)
+        return _kernel_modules()[1].normalize_forward(x, scale, shift)
+    return SF.normalize(x, mean, var, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops: stage 1
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("safenorm::moments", mutates_args=())
+def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample moments ``(m, w)`` of :func:`safenorm.functional.per_sample_moments`."""
+    if _use_kernels(x):
+        return _kernel_modules()[0].moments_forward(x)
+    m, w = SF.per_sample_moments(x)
+    return (m.clone() if x.dim() == 2 else m), w
+
+
+@_moments.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (x.shape[0], x.shape[1])
+    return x.new_empty(shape, dtype=_stat_dtype(x)), x.new_empty(shape, dtype=_stat_dtype(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops: backward building blocks (also usable on their own)
+# ----------------------------------------------------------------------------------------------
+
+
+def _affine_grad_sums_reference(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    dtype = _stat_dtype(x)
+    dy = grad_output.to(dtype)
+    xhat = (x.to(dtype) - _view(mean.to(dtype), x)) * _view(rstd.to(dtype), x)
+    sdy = _spatial_sum(dy)
+    return _spatial_sum(dy * xhat), (sdy.clone() if sdy is grad_output else sdy)
+
+
+@torch.library.custom_op("safenorm::affine_grad_sums", mutates_args=())
+def _affine_grad_sums(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(sum_s dy * (x - mean) * rstd, sum_s dy)`` per (sample, channel), each ``(N, C)``."""
+    if _use_kernels(x) and _kernel_dtype(grad_output):
+        _, sdyx, sdy = _kernel_modules()[1].normalize_backward(grad_output, x, mean, rstd, None)
+        return sdyx, sdy
+    return _affine_grad_sums_reference(grad_output, x, mean, rstd)
+
+
+@_affine_grad_sums.register_fake
+def _(grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (x.shape[0], x.shape[1])
+    return x.new_empty(shape, dtype=_stat_dtype(x)), x.new_empty(shape, dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("safenorm::normalize_backward", mutates_args=())
+def _normalize_backward(
+    grad_output: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    coef: Tensor | None,
+    center: Tensor | None,
+    offset: Tensor | None,
+) -> Tensor:
+    """``dx = dy * scale [+ coef * (x - center) + offset]`` (per-channel or per-sample values)."""
+    if _use_kernels(x) and _kernel_dtype(grad_output):
+        dx, _, _ = _kernel_modules()[1].normalize_backward(
+            grad_output, x, None, None, scale, coef, center, offset
+        )
+        return dx
+    dtype = _stat_dtype(x)
+    dx = grad_output.to(dtype) * _view(scale.to(dtype), x)
+    if coef is not None and center is not None and offset is not None:
+        dx = dx + _view(coef.to(dtype), x) * (x.to(dtype) - _view(center.to(dtype), x))
+        dx = dx + _view(offset.to(dtype), x)
+    return dx.to(x.dtype)
+
+
+@_normalize_backward.register_fake
+def _(grad_output, x, scale, coef, center, offset):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("safenorm::frozen_normalize_backward", mutates_args=())
+def _frozen_normalize_backward(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass: ``dx = dy * scale`` and the per-sample affine sums of :func:`_affine_grad_sums`."""
+    if _use_kernels(x) and _kernel_dtype(grad_output):
+        return _kernel_modules()[1].normalize_backward(grad_output, x, mean, rstd, scale)
+    dx = _normalize_backward(grad_output, x, scale, None, None, None)
+    sdyx, sdy = _affine_grad_sums(grad_output, x, mean, rstd)
+    return dx, sdyx, sdy
+
+
+@_frozen_normalize_backward.register_fake
+def _(grad_output, x, mean, rstd, scale):
+    shape = (x.shape[0], x.shape[1])
+    stat = x.new_empty(shape, dtype=_stat_dtype(x))
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops: normalization with batch statistics (ghost, clipped)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("safenorm::batch_norm_train", mutates_args=())
+def _batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    center: Tensor | None,
+    scale: Tensor | None,
+    eps: float,
+    ghost_batch_size: int,
+    clipped: bool,
+    clip_norm: float,
+    var_clip_norm: float,
+    detach_statistics: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode ghost / clipped BN: ``(y, mean (G, C), var (G, C), m (N, C), w (N, C))``.
+
+    ``ghost_batch_size <= 0`` means one group. ``center``/``scale`` are the clipping reference
+    (``clipped`` only). ``mean``/``var`` (for the running update) and ``m``/``w`` (kept for the
+    backward) are not differentiable outputs.
+    """
+    m, w = _moments(x)
+    groups = _consecutive_groups(x.shape[0], ghost_batch_size, x.device)
+    mean, var = _group_statistics(m, w, groups, clipped, clip_norm, var_clip_norm, center, scale)
+    mean_x, var_x = _per_sample_or_channel(mean, var, groups)
+    y = _normalize_impl(x, mean_x, var_x, weight, bias, eps)
+    return y, mean, var, m, w
+
+
+@_batch_norm_train.register_fake
+def _(x, weight, bias, center, scale, eps, ghost_batch_size, clipped, clip_norm, var_clip_norm, d):
+    count = _group_count(x.shape[0], ghost_batch_size)
+    dtype = _stat_dtype(x)
+    group = x.new_empty((count, x.shape[1]), dtype=dtype)
+    sample = x.new_empty((x.shape[0], x.shape[1]), dtype=dtype)
+    return torch.empty_like(x), group, torch.empty_like(group), sample, torch.empty_like(sample)
+
+
+def _batch_norm_train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, _, center, scale, eps, ghost, clipped, clip_norm, var_clip_norm, detach = inputs
+    _, mean, var, m, w = output
+    ctx.save_for_backward(x, weight, center, scale, mean, var, m, w)
+    ctx.args = (eps, ghost, clipped, clip_norm, var_clip_norm, detach)
+    ctx.mark_non_differentiable(mean, var, m, w)
+
+
+def _batch_norm_train_backward(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
+    x, weight, center, scale, mean, var, m, w = ctx.saved_tensors
+    eps, ghost, clipped, clip_norm, var_clip_norm, detach = ctx.args
+    n, count = x.shape[0], mean.shape[0]
+    g = max(1, n if ghost <= 0 or ghost >= n else ghost)
+    index = torch.arange(n, device=x.device) // g
+    size = torch.clamp(n - torch.arange(count, device=x.device) * g, max=g).to(torch.float32)
+    groups = SF.Groups(index=index, size=size)
+    mean_x, var_x = _per_sample_or_channel(mean, var, groups)
+    rstd, gain, _ = _affine_coefficients(mean_x, var_x, weight, None, eps)
+    dx = dweight = dbias = None
+    if detach:
+        dx, sdyx, sdy = _frozen_normalize_backward(dy, x, mean_x, rstd, gain)
+    else:
+        sdyx, sdy = _affine_grad_sums(dy, x, mean_x, rstd)
+        # Stage-2 backward through the same functions that made the statistics.
+        d_mean = -(gain * sdy)
+        d_var = -0.5 * (gain * rstd) * sdyx
+
+        def statistics(m_: Tensor, w_: Tensor) -> tuple[Tensor, Tensor]:
+            mean_, var_ = _group_statistics(
+                m_, w_, groups, clipped, clip_norm, var_clip_norm, center, scale
+            )
+            return groups.per_sample(mean_), groups.per_sample(var_)
+
+        _, vjp = torch.func.vjp(statistics, m, w)
+        dm, dw = vjp((d_mean.to(m.dtype), d_var.to(m.dtype)))
+        spatial = math.prod(x.shape[2:])
+        dx = _normalize_backward(dy, x, gain, 2.0 * dw / spatial, m, dm / spatial)
+    if weight is not None:
+        dweight = sdyx.sum(0).to(weight.dtype)
+        dbias = sdy.sum(0).to(weight.dtype)
+    return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "safenorm::batch_norm_train",
+    _batch_norm_train_backward,
+    setup_context=_batch_norm_train_setup,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops: normalization with frozen statistics (DP), running update
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("safenorm::normalize", mutates_args=())
+def _normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """:func:`safenorm.functional.frozen_normalize`: no gradient into ``mean``/``var``."""
+    if _use_kernels(x):
+        return _normalize_impl(x, mean, var, weight, bias, eps)
+    return SF.frozen_normalize(x, mean, var, weight, bias, eps)
+
+
+@_normalize.register_fake
+def _(x, mean, var, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def _normalize_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, mean, var, weight, bias, eps = inputs
+    ctx.save_for_backward(x, mean, var, weight)
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+
+
+def _normalize_backward_formula(ctx: Any, dy: Tensor) -> tuple:
+    x, mean, var, weight = ctx.saved_tensors
+    rstd, gain, _ = _affine_coefficients(
+        mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), weight, None, ctx.eps
+    )
+    dweight = dbias = None
+    if weight is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        dx, sdyx, sdy = _frozen_normalize_backward(dy, x, mean, rstd, gain)
+        dweight = sdyx.sum(0).to(weight.dtype)
+        dbias = sdy.sum(0).to(weight.dtype) if ctx.has_bias else None
+    else:
+        dx = _normalize_backward(dy, x, gain, None, None, None)
+        if ctx.has_bias:
+            dbias = _spatial_sum(dy.to(_stat_dtype(x))).sum(0)
+    return dx, None, None, dweight, dbias, None
+
+
+torch.library.register_autograd(
+    "safenorm::normalize", _normalize_backward_formula, setup_context=_normalize_setup
+)
+
+
+@torch.library.custom_op("safenorm::running_update", mutates_args=("running_mean", "running_var"))
+def _running_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    group_size: Tensor,
+    spatial: int,
+    momentum: float,
+) -> None:
+    """:func:`safenorm.functional.pooled_running_update` as an op (opaque to the compiler)."""
+    SF.pooled_running_update(running_mean, running_var, mean, var, group_size, spatial, momentum)
+
+
+@_running_update.register_fake
+def _(running_mean, running_var, mean, var, group_size, spatial, momentum):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer functions (same signatures as safenorm.functional)
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_norm_train_layer(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    ghost_batch_size: int | None,
+    clipped: bool,
+    clip_norm: float,
+    var_clip_norm: float,
+    reference: SF.ClipReference | None,
+    detach_statistics: bool,
+) -> Tensor:
+    reference = reference or SF.ClipReference()
+    center = None if reference.center is None else reference.center.detach()
+    scale = None if reference.scale is None else reference.scale.detach()
+    ghost = 0 if ghost_batch_size is None else int(ghost_batch_size)
+    y, mean, var, _, _ = _batch_norm_train(
+        input,
+        weight,
+        bias,
+        center,
+        scale,
+        float(eps),
+        ghost,
+        clipped,
+        float(clip_norm),
+        float(var_clip_norm),
+        detach_statistics,
+    )
+    if running_mean is not None and running_var is not None:
+        groups = _consecutive_groups(input.shape[0], ghost, input.device)
+        _running_update(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            groups.size,
+            math.prod(input.shape[2:]),
+            float(momentum),
+        )
+    return y
+
+
+def ghost_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    ghost_batch_size: int | None = None,
+) -> Tensor:
+    """:func:`safenorm.functional.ghost_batch_norm`, dispatched (see the module docstring).
+
+    With the kernels, one group (``ghost_batch_size`` ``None`` or ``>= N``) is standard BN by
+    the fused kernels rather than ``F.batch_norm``.
+    """
+    if not training or not _dispatch(input):
+        return SF.ghost_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            ghost_batch_size,
+        )
+    return _batch_norm_train_layer(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        ghost_batch_size,
+        False,
+        math.inf,
+        math.inf,
+        None,
+        False,
+    )
+
+
+def clipped_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    clip_norm: float = math.inf,
+    var_clip_norm: float = math.inf,
+    ghost_batch_size: int | None = None,
+    reference: SF.ClipReference | None = None,
+    detach_statistics: bool = False,
+    all_reduce: SF.AllReduce | None = None,
+) -> Tensor:
+    """:func:`safenorm.functional.clipped_batch_norm`, dispatched (see the module docstring)."""
+    if not training or all_reduce is not None or not _dispatch(input):
+        return SF.clipped_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            clip_norm=clip_norm,
+            var_clip_norm=var_clip_norm,
+            ghost_batch_size=ghost_batch_size,
+            reference=reference,
+            detach_statistics=detach_statistics,
+            all_reduce=all_reduce,
+        )
+    return _batch_norm_train_layer(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        ghost_batch_size,
+        True,
+        clip_norm,
+        var_clip_norm,
+        reference,
+        detach_statistics,
+    )
+
+
+def _dp_groups(
+    n: int,
+    denominator: float,
+    ghost_batch_size: int | None,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> SF.Groups:
+    # The group policy of safenorm.functional.dp_statistics (tests check they agree).
+    num_groups = 1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
+    if num_groups == 1:
+        return SF.Groups(
+            index=torch.zeros(n, dtype=torch.long, device=device),
+            size=torch.full((1,), float(denominator), device=device),
+        )
+    return SF.random_groups(n, num_groups, denominator, device, generator)
+
+
+def dp_release(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float = 0.1,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None = None,
+    reference: SF.ClipReference | None = None,
+    var_floor: float = 0.0,
+    normalize_with: str = "batch",
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    all_reduce: SF.AllReduce | None = None,
+    add_noise: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`safenorm.functional.dp_release` with the moments from the stage-1 kernel.
+
+    The clipping, noise (host-side, ``2 C`` numbers per group) and group draw are those of
+    :mod:`safenorm.functional`, with the same generator calls in the same order.
+    """
+    if all_reduce is not None or not _dispatch(input):
+        return SF.dp_release(
+            input,
+            running_mean,
+            running_var,
+            momentum,
+            clip_norm=clip_norm,
+            var_clip_norm=var_clip_norm,
+            noise_multiplier=noise_multiplier,
+            denominator=denominator,
+            ghost_batch_size=ghost_batch_size,
+            reference=reference,
+            var_floor=var_floor,
+            normalize_with=normalize_with,
+            generator=generator,
+            secure_mode=secure_mode,
+            all_reduce=all_reduce,
+            add_noise=add_noise,
+        )
+    with torch.no_grad():
+        m, w = _moments(input.detach())
+        groups = _dp_groups(input.shape[0], denominator, ghost_batch_size, input.device, generator)
+        stats = SF.private_statistics(
+            m,
+            w,
+            groups,
+            clip_norm=clip_norm,
+            var_clip_norm=var_clip_norm,
+            noise_multiplier=noise_multiplier,
+            reference=reference,
+            var_floor=var_floor,
+            generator=generator,
+            secure_mode=secure_mode,
+            add_noise=add_noise,
+        )
+    if running_mean is not None and running_var is not None:
+        _running_update(
+            running_mean,
+            running_var,
+            stats.mean,
+            stats.var,
+            stats.groups.size,
+            math.prod(input.shape[2:]),
+            float(momentum),
+        )
+    if normalize_with == "running":
+        if running_mean is None or running_var is None:
+            raise ValueError("normalize_with='running' needs running statistics")
+        return running_mean.detach().clone(), running_var.detach().clone()
+    return _per_sample_or_channel(stats.mean, stats.var, stats.groups)
+
+
+def frozen_normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """:func:`safenorm.functional.frozen_normalize`, dispatched (see the module docstring)."""
+    if not _dispatch(x):
+        return SF.frozen_normalize(x, mean, var, weight, bias, eps)
+    return _normalize(x, mean.detach(), var.detach(), weight, bias, float(eps))
+
+
+def dp_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None = None,
+    reference: SF.ClipReference | None = None,
+    var_floor: float = 0.0,
+    normalize_with: str = "batch",
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    all_reduce: SF.AllReduce | None = None,
+    add_noise: bool = True,
+) -> Tensor:
+    """:func:`safenorm.functional.dp_batch_norm`, dispatched (see the module docstring)."""
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    mean, var = dp_release(
+        input,
+        running_mean,
+        running_var,
+        momentum,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        noise_multiplier=noise_multiplier,
+        denominator=denominator,
+        ghost_batch_size=ghost_batch_size,
+        reference=reference,
+        var_floor=var_floor,
+        normalize_with=normalize_with,
+        generator=generator,
+        secure_mode=secure_mode,
+        all_reduce=all_reduce,
+        add_noise=add_noise,
+    )
+    return frozen_normalize(input, mean, var, weight, bias, eps)
+
+
+def per_sample_affine_grads(
+    input: Tensor, grad_output: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients of an affine normalization's ``weight`` and ``bias``.
+
+    For ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with statistics that do not depend
+    on other samples (frozen / released statistics, as in :class:`~safenorm.DPBatchNorm2d`):
+    ``grad_weight[n, c] = sum_s dy * xhat`` and ``grad_bias[n, c] = sum_s dy``, computed in one
+    fused pass over ``(x, dy)`` by the Triton backend (what an Opacus grad sampler needs).
+
+    Args:
+        input: ``(N, C, *S)`` the layer's input.
+        grad_output: ``(N, C, *S)`` gradient of the loss with respect to the layer's output.
+        mean, var: ``(C,)`` or ``(N, C)`` statistics the forward normalized with (biased var).
+        eps: added to the variance.
+
+    Returns:
+        ``(grad_weight, grad_bias)``, each ``(N, C)`` float32 (float64 for float64 input).
+    """
+    if input.shape != grad_output.shape:
+        raise ValueError(
+            f"input shape {tuple(input.shape)} != grad_output shape {tuple(grad_output.shape)}"
+        )
+    dtype = _stat_dtype(input)
+    mean = mean.detach().to(dtype)
+    rstd = torch.rsqrt(var.detach().to(dtype) + eps)
+    if not _dispatch(input):
+        return _affine_grad_sums_reference(grad_output, input, mean, rstd)
+    return _affine_grad_sums(grad_output, input, mean, rstd)
