@@ -1,0 +1,249 @@
+"""Command line: ``safenorm-eval run|report|merge|list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from safenorm.evaluation.attacks import ATTACKS
+from safenorm.evaluation.canaries import CANARIES
+from safenorm.evaluation.config import PROFILES, EvalConfig, apply_overrides, get_profile
+from safenorm.evaluation.data import DATASETS
+from safenorm.evaluation.harness import LOGGER, Harness, merge_outputs, parse_shard
+from safenorm.evaluation.models import MODELS
+from safenorm.evaluation.report import write_report
+from safenorm.evaluation.variants import VARIANTS
+
+__all__ = ["build_parser", "main"]
+
+EPILOG = """\
+examples:
+  safenorm-eval run --profile quick --out safenorm-eval-out     # every variant on digits, CPU
+  safenorm-eval run --profile quick --variants bn,ghost,groupnorm --num-models 16
+  safenorm-eval run --profile full --data-root ~/data/cifar-10-batches-py --shard 0/4 --out s0
+  safenorm-eval merge --out full s0 s1 s2 s3                     # then writes the report
+  safenorm-eval report --out safenorm-eval-out                   # re-analyse the cache
+  safenorm-eval run --profile quick --set train.epochs=40 --set attacks.ci=bootstrap
+  safenorm-eval list                                             # variants, attacks, profiles
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="safenorm-eval",
+        description="Memorization, influence, membership inference and DP audit of "
+        "normalization variants against standard BatchNorm.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser(
+        "run",
+        help="train, score (resuming from the cache) and report",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--profile", default="quick", help=f"one of {PROFILES.names()}")
+    run.add_argument("--config", type=Path, help="a JSON config (from a previous config.json)")
+    run.add_argument("--out", type=Path, default=Path("safenorm-eval-out"))
+    run.add_argument("--variants", help="comma-separated variant names")
+    run.add_argument("--num-models", type=int, help="models per variant (>= 2)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--device", help="auto, cpu, cuda, cuda:1...")
+    run.add_argument("--dataset", help=f"one of {DATASETS.names()}")
+    run.add_argument("--data-root", help="directory of on-disk data (CIFAR-10 pickles)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. train.epochs=40",
+    )
+    run.add_argument("--shard", help="i/n: train only models with index %% n == i")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-plots", action="store_true")
+
+    rep = sub.add_parser("report", help="analyse the cache of an output directory again")
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override analysis settings, e.g. attacks.ci=bootstrap",
+    )
+    rep.add_argument("--no-plots", action="store_true")
+
+    merge = sub.add_parser("merge", help="merge the caches of shard outputs and report")
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("shards", nargs="+", type=Path)
+    merge.add_argument("--no-plots", action="store_true")
+
+    sub.add_parser("list", help="list variants, attacks, datasets, models, canaries, profiles")
+    return parser
+
+
+def _setup_logging(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    LOGGER.setLevel(logging.INFO)
+    for h in list(LOGGER.handlers):
+        if getattr(h, "_safenorm_eval", False):
+            LOGGER.removeHandler(h)
+            h.close()
+    file_handler = logging.FileHandler(out / "log.txt")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.WARNING)
+    stderr.setFormatter(logging.Formatter("safenorm-eval: %(message)s"))
+    for h in (file_handler, stderr):
+        h._safenorm_eval = True  # type: ignore[attr-defined]
+        LOGGER.addHandler(h)
+
+
+def _config_from_args(args: argparse.Namespace) -> EvalConfig:
+    if args.config is not None:
+        config = EvalConfig.from_dict(json.loads(args.config.read_text()))
+    else:
+        config = get_profile(args.profile)
+    overrides = list(args.set)
+    for flag, key in (
+        ("variants", "variants"),
+        ("num_models", "num_models"),
+        ("seed", "seed"),
+        ("device", "device"),
+        ("dataset", "data.dataset"),
+        ("data_root", "data.root"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.insert(0, f"{key}={value}")
+    config = apply_overrides(config, overrides)
+    if config.num_models < 2:
+        raise ValueError(
+            "num_models must be at least 2 (each model is attacked with the others as shadows)"
+        )
+    return config
+
+
+def _report(harness: Harness, plots: bool) -> Path | None:
+    incomplete = {
+        v: harness.missing(v)
+        for v in harness.variants
+        if v not in harness.unavailable() and harness.missing(v)
+    }
+    results = harness.analyze()
+    path = write_report(
+        harness.out, harness.config, results, harness.unavailable(), incomplete, plots=plots
+    )
+    LOGGER.info("report written to %s", path)
+    return path
+
+
+def _print_summary(path: Path) -> None:
+    text = path.read_text().split("\n")
+    start = next((i for i, line in enumerate(text) if line.startswith("| variant")), None)
+    if start is not None:
+        end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+        print("\n".join(text[start:end]))
+    print(f"\nreport: {path}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    shard = parse_shard(args.shard)
+    _setup_logging(args.out)
+    (args.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    harness = Harness(config, args.out, progress=not args.no_progress)
+    for name, reason in harness.unavailable().items():
+        print(
+            f"safenorm-eval: variant {name} is unavailable and skipped: {reason}", file=sys.stderr
+        )
+    start = time.perf_counter()
+    trained = harness.run(shard)
+    LOGGER.info("trained %d models in %.1fs", trained, time.perf_counter() - start)
+    waiting = [v for v in harness.variants if v not in harness.unavailable() and harness.missing(v)]
+    if waiting:
+        print(
+            f"shard {args.shard} done ({trained} models trained); variants {waiting} still "
+            f"miss models of other shards: run `safenorm-eval merge --out DIR SHARD_DIRS...`"
+        )
+        return 0
+    _print_summary(_report(harness, not args.no_plots))
+    return 0
+
+
+def _load_config(out: Path, overrides: Sequence[str] = ()) -> EvalConfig:
+    path = out / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a safenorm-eval output directory")
+    return apply_overrides(EvalConfig.from_dict(json.loads(path.read_text())), list(overrides))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    _setup_logging(args.out)
+    harness = Harness(_load_config(args.out, args.set), args.out, progress=False)
+    _print_summary(_report(harness, not args.no_plots))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    copied = merge_outputs(args.out, args.shards)
+    _setup_logging(args.out)
+    LOGGER.info("merged %d model files from %s", copied, [str(s) for s in args.shards])
+    harness = Harness(_load_config(args.out), args.out, progress=False)
+    _print_summary(_report(harness, not args.no_plots))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for title, reg in (
+        ("variants", VARIANTS),
+        ("attacks", ATTACKS),
+        ("datasets", DATASETS),
+        ("models", MODELS),
+        ("canary types", CANARIES),
+        ("profiles", PROFILES),
+    ):
+        print(f"{title}:")
+        for name in reg.names():
+            aliases = reg.aliases_of(name)
+            item = reg.get(name)
+            desc = getattr(item, "description", None) or (getattr(item, "__doc__", "") or "")
+            desc = desc.strip().split("\n")[0]
+            extra = ""
+            if reg is VARIANTS:
+                reason = item.unavailable_reason()
+                extra = f"  [unavailable: {reason}]" if reason else ""
+            alias_text = f" (aliases: {', '.join(aliases)})" if aliases else ""
+            print(f"  {name}{alias_text}: {desc}{extra}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "report": _cmd_report, "merge": _cmd_merge, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``safenorm-eval``; ``run`` is the default command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"safenorm-eval: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

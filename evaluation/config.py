@@ -1,0 +1,359 @@
+"""Typed configuration of an evaluation run, and the named profiles (``quick``, ``full``...).
+
+Every field has a default; a profile is a function returning an :class:`EvalConfig`. Configs
+round-trip through JSON (``to_dict`` / ``from_dict``), which is how a run records what it did and
+how ``--set section.field=value`` overrides reach a typed field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from safenorm.evaluation.registry import Registry
+
+__all__ = [
+    "PROFILES",
+    "AnalysisConfig",
+    "AttackConfig",
+    "CanaryConfig",
+    "DPConfig",
+    "DataConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "VariantOptions",
+    "apply_overrides",
+    "get_profile",
+]
+
+
+@dataclass
+class DataConfig:
+    """Which data, and how it is split.
+
+    Attributes:
+        dataset: a registered dataset (``digits``, ``cifar10``, ``synthetic``).
+        root: directory of on-disk datasets (CIFAR-10 python-pickle batches).
+        pool_size: candidate training examples; each model trains on a random half.
+        test_size: held-out examples (test accuracy, RMIA population, batch mates).
+        synthetic_size, synthetic_classes, synthetic_shape: the synthetic dataset's size.
+    """
+
+    dataset: str = "digits"
+    root: str | None = None
+    pool_size: int = 1000
+    test_size: int = 500
+    synthetic_size: int = 1200
+    synthetic_classes: int = 4
+    synthetic_shape: tuple[int, int, int] = (1, 8, 8)
+
+
+@dataclass
+class CanaryConfig:
+    """Out-of-distribution canaries, each inserted in about half of the models.
+
+    Attributes:
+        types: registered canary types (``mislabeled``, ``noise``, ``blank``, ``ood``).
+        per_type: inserted canaries of each type.
+        references_per_type: never-inserted reference canaries of each type (exposure ranks).
+    """
+
+    types: tuple[str, ...] = ("mislabeled", "noise", "blank", "ood")
+    per_type: int = 8
+    references_per_type: int = 63
+
+
+@dataclass
+class TrainConfig:
+    """The (non-DP) training schedule, shared by every variant.
+
+    Attributes:
+        epochs: passes over each model's training set.
+        batch_size: batch size (the expected batch size under DP-SGD's Poisson sampling).
+        lr, momentum, weight_decay: SGD hyper-parameters (cosine learning-rate decay).
+        augment: random crops and horizontal flips (CIFAR-style images only).
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = False
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD settings of the DP variants.
+
+    Attributes:
+        noise_multiplier: gradient noise multiplier.
+        max_grad_norm: per-sample clipping bound.
+        delta: the delta of the reported epsilon and of the audit.
+        lr: learning rate of DP-SGD (usually larger than the non-DP one).
+        epochs: DP-SGD epochs (``None``: the non-DP ``epochs``).
+        bn_noise_multiplier: noise multiplier of DPBatchNorm's statistics releases.
+    """
+
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    lr: float = 0.5
+    epochs: int | None = None
+    bn_noise_multiplier: float = 8.0
+
+
+@dataclass
+class VariantOptions:
+    """Per-variant layer arguments.
+
+    Attributes:
+        ghost_batch_size: group size of the ``ghost`` variant.
+        clip_norm, var_clip_norm: bounds of the ``clipped`` variant (``None``: layer defaults).
+        groupnorm_groups: groups of the ``groupnorm`` variant (``min(groups, C)``; 32 as Opacus).
+    """
+
+    ghost_batch_size: int = 16
+    clip_norm: float | None = None
+    var_clip_norm: float | None = None
+    groupnorm_groups: int = 32
+
+
+@dataclass
+class AttackConfig:
+    """Membership-inference attacks, their metrics and the DP audit.
+
+    Attributes:
+        attacks: registered attacks to run (``loss``, ``lira-offline``, ``lira-online``, ``rmia``).
+        headline: the attack shown in the summary table.
+        fprs: false-positive rates at which TPR is reported.
+        ci: confidence-interval method (``analytic``: Hanley-McNeil for AUC and Clopper-Pearson for
+            TPR; ``bootstrap``: stratified percentile bootstrap).
+        confidence: coverage of the intervals.
+        bootstrap: bootstrap replicates (``ci="bootstrap"``).
+        rmia_gamma: RMIA's likelihood-ratio threshold.
+        audit_confidence: confidence of the one-run audit's lower bound.
+        audit_guess_fractions: fractions of audit examples guessed "in" (and as many "out");
+            the bound is Bonferroni-corrected over these and over the models.
+        train_mode_queries: also attack train-mode (batch-statistics) queries, reported as a
+            separate threat model.
+    """
+
+    attacks: tuple[str, ...] = ("loss", "lira-offline", "lira-online", "rmia")
+    headline: str = "lira-online"
+    fprs: tuple[float, ...] = (0.01, 0.001)
+    ci: str = "analytic"
+    confidence: float = 0.95
+    bootstrap: int = 200
+    rmia_gamma: float = 1.0
+    audit_confidence: float = 0.95
+    audit_guess_fractions: tuple[float, ...] = (0.01, 0.03, 0.1)
+    train_mode_queries: bool = True
+
+
+@dataclass
+class AnalysisConfig:
+    """Per-model measurements beyond the scores.
+
+    Attributes:
+        grad_models: models (the first ones of each variant) whose per-sample gradient norms and
+            batch-statistics influence are measured.
+        grad_typical: typical pool examples measured beside all canaries.
+        batch_mates: size of the batch a queried sample is placed in (train-mode gradients,
+            influence, train-mode queries).
+    """
+
+    grad_models: int = 2
+    grad_typical: int = 128
+    batch_mates: int = 32
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run.
+
+    Attributes:
+        profile: the profile it came from (informational).
+        seed: master seed: membership masks, model initialisations, data order, noise.
+        variants: registered variant names, in report order (``bn`` is the reference).
+        num_models: models per variant; each is the target once, the others its shadows.
+        model: a registered model name (``auto``: ``small-cnn`` for 8x8 inputs, else ``resnet``).
+        device: ``auto``, ``cpu``, ``cuda``...
+        threads: torch CPU threads (0: torch's default).
+    """
+
+    profile: str = "custom"
+    seed: int = 0
+    variants: tuple[str, ...] = (
+        "bn",
+        "ghost",
+        "clipped",
+        "dp",
+        "dp-groupnorm",
+        "groupnorm",
+        "none",
+    )
+    num_models: int = 16
+    model: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    options: VariantOptions = field(default_factory=VariantOptions)
+    attacks: AttackConfig = field(default_factory=AttackConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``KeyError``."""
+        return _from_dict(cls, data)
+
+    def model_fingerprint(self, variant: str) -> str:
+        """Hash of everything that determines the trained models and their scores.
+
+        Excludes ``num_models`` (adding models reuses the cached ones), the variant list, the
+        attack settings (recomputed from the raw scores), ``device`` and ``threads``.
+        """
+        d = self.to_dict()
+        for k in ("profile", "variants", "num_models", "device", "threads", "attacks"):
+            d.pop(k)
+        d["variant"] = variant
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise KeyError(
+            f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, tuple):
+        items = [t for t in text.split(",") if t]
+        kind = type(current[0]) if current else str
+        return tuple(kind(t) for t in items)
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected a boolean, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float) or current is None:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def apply_overrides(config: EvalConfig, overrides: list[str]) -> EvalConfig:
+    """Apply ``section.field=value`` (or ``field=value``) strings; returns a new config.
+
+    Tuple fields take comma-separated values (``attacks.fprs=0.01,0.001``).
+    """
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        path = key.strip().split(".")
+        node: Any = config
+        parent = data
+        for part in path[:-1]:
+            if not hasattr(node, part):
+                raise KeyError(f"unknown config section {part!r} in {key!r}")
+            node = getattr(node, part)
+            parent = parent[part]
+        leaf = path[-1]
+        if not hasattr(node, leaf):
+            raise KeyError(f"unknown config field {leaf!r} in {key!r}")
+        value = _parse_value(text.strip(), getattr(node, leaf))
+        parent[leaf] = list(value) if isinstance(value, tuple) else value
+    return EvalConfig.from_dict(data)
+
+
+Profile = Callable[[], EvalConfig]
+PROFILES: Registry[Profile] = Registry("profile")
+
+
+def _quick() -> EvalConfig:
+    """Every variant on digits, 16 models each, on a 2-core CPU in under 10 minutes."""
+    return EvalConfig(
+        profile="quick",
+        num_models=16,
+        device="cpu",
+        data=DataConfig(dataset="digits", pool_size=1000, test_size=500),
+        canaries=CanaryConfig(per_type=8, references_per_type=63),
+        train=TrainConfig(epochs=24, batch_size=64, lr=0.05),
+        dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, lr=0.5, epochs=12),
+    )
+
+
+def _full() -> EvalConfig:
+    """The GPU protocol: CIFAR-10, a ResNet, 32 models per variant (shard with --shard)."""
+    return EvalConfig(
+        profile="full",
+        num_models=32,
+        device="cuda",
+        model="resnet",
+        data=DataConfig(
+            dataset="cifar10", root="data/cifar-10-batches-py", pool_size=50000, test_size=5000
+        ),
+        canaries=CanaryConfig(per_type=250, references_per_type=999),
+        train=TrainConfig(epochs=60, batch_size=256, lr=0.1, weight_decay=5e-4, augment=True),
+        dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, lr=2.0, epochs=30),
+        options=VariantOptions(ghost_batch_size=32),
+        analysis=AnalysisConfig(grad_models=2, grad_typical=512, batch_mates=64),
+    )
+
+
+def _tiny() -> EvalConfig:
+    """Seconds: synthetic data, few models, for tests and smoke runs."""
+    return EvalConfig(
+        profile="tiny",
+        num_models=4,
+        device="cpu",
+        variants=("bn", "groupnorm"),
+        data=DataConfig(dataset="synthetic", pool_size=200, test_size=100, synthetic_size=400),
+        canaries=CanaryConfig(per_type=4, references_per_type=15),
+        train=TrainConfig(epochs=4, batch_size=32),
+        dp=DPConfig(epochs=2),
+        analysis=AnalysisConfig(grad_models=1, grad_typical=16, batch_mates=8),
+        attacks=AttackConfig(audit_guess_fractions=(0.05,)),
+    )
+
+
+PROFILES.register("quick", _quick, aliases=("default", "cpu"))
+PROFILES.register("full", _full, aliases=("gpu", "cifar10"))
+PROFILES.register("tiny", _tiny, aliases=("smoke", "test"))
+
+
+def get_profile(name: str) -> EvalConfig:
+    """A fresh config of the registered profile ``name``."""
+    return PROFILES.get(name)()

@@ -1,0 +1,112 @@
+"""Model families of the harness; each uses ``nn.BatchNorm2d``, swapped per variant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from safenorm.evaluation.registry import Registry
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model"]
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU x3 with one max-pool and a linear head; sized for 8x8 digits.
+
+    Args:
+        in_channels: input channels.
+        num_classes: output classes.
+        width: channels of the first convolution (the others use ``2 * width``).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        w2 = 2 * width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, w2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w2, w2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.head = nn.Linear(4 * w2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions with BatchNorm and a (projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (ResNet-20 family: three stages of basic blocks).
+
+    Args:
+        in_channels: input channels.
+        num_classes: output classes.
+        width: channels of the first stage (stages use ``width``, ``2 width``, ``4 width``).
+        blocks: basic blocks per stage (3 gives ResNet-20).
+    """
+
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, width: int = 16, blocks: int = 2
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, mult in enumerate((1, 2, 4)):
+            for b in range(blocks):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                layers.append(BasicBlock(cin, width * mult, stride))
+                cin = width * mult
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.layers(self.stem(x))).flatten(1))
+
+
+ModelBuilder = Callable[[int, int], nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model")
+MODELS.register("small-cnn", lambda c, k: SmallCNN(c, k), aliases=("cnn", "digits-cnn"))
+MODELS.register("resnet", lambda c, k: ResNet(c, k), aliases=("resnet-cifar", "resnet14"))
+MODELS.register("resnet20", lambda c, k: ResNet(c, k, blocks=3))
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int = 8) -> nn.Module:
+    """Build a registered model; ``auto`` picks ``small-cnn`` below 16 px, else ``resnet``."""
+    if name == "auto":
+        name = "small-cnn" if image_size < 16 else "resnet"
+    return MODELS.get(name)(in_channels, num_classes)
