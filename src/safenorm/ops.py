@@ -248,7 +248,9 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if _use_kernels(x):
         return _kernel_modules()[0].moments_forward(x)
     m, w = SF.per_sample_moments(x)
-    return (m.clone() if x.dim() == 2 else m), w
+    if x.dim() == 2 or m.numel() == 0:  # outputs must not alias x or each other
+        m, w = m.clone(), w.clone()
+    return m, w
 
 
 @_moments.register_fake

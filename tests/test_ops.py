@@ -1,0 +1,274 @@
+"""``safenorm.ops``: the dispatched layer functions against ``safenorm.functional``.
+
+Each layer function runs through the custom ops twice: with the Triton kernels (under the
+interpreter on CPU) and with the ops' PyTorch implementation, and must match the reference
+forward, input/affine gradients and running buffers; ``torch.library.opcheck`` checks every op.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from safenorm import functional as SF
+from safenorm import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = ops.kernels_available()
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.fixture(params=["triton", "torch-ops"])
+def op_backend(request, monkeypatch):
+    """Route the layer functions through the custom ops with one implementation."""
+    if request.param == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton not installed")
+        monkeypatch.setattr(ops, "_backend", "triton")
+    else:  # the ops with their PyTorch implementation (what CPU runs under torch.compile)
+        monkeypatch.setattr(ops, "_backend", "auto")
+        monkeypatch.setattr(ops, "_dispatch", lambda x: True)
+    return request.param
+
+
+def _inputs(shape, dtype=torch.float32, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(DEVICE, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    weight = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
+    bias = torch.randn(c, generator=g).to(DEVICE)
+    running = (
+        torch.randn(c, generator=g).to(DEVICE),
+        (torch.rand(c, generator=g) + 0.5).to(DEVICE),
+    )
+    dy = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    return x, weight, bias, running, dy
+
+
+def _run(fn, x, weight, bias, running, dy, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_()
+    rm, rv = running[0].clone(), running[1].clone()
+    y = fn(x, rm, rv, weight, bias, True, 0.1, 1e-5, **kwargs)
+    y.backward(dy)
+    return y, x.grad, weight.grad, bias.grad, rm, rv
+
+
+def _assert_same(out, ref, dtype):
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (4e-3, 4e-3)
+    names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+    for name, a, b in zip(names, out, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+    assert out[0].dtype == ref[0].dtype
+    assert out[0].stride() == ref[0].stride()
+
+
+CASES = [
+    # shape, dtype, channels_last
+    ((5, 3, 3, 3), torch.float32, False),
+    ((5, 3, 3, 3), torch.float32, True),
+    ((5, 3, 3, 3), torch.float16, True),
+    ((7, 5), torch.float32, False),
+    ((5, 3, 4), torch.float16, False),
+    ((3, 2, 2, 3, 2), torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, channels_last", CASES)
+@pytest.mark.parametrize("ghost_batch_size", [None, 2, 3])
+def test_ghost_batch_norm(op_backend, shape, dtype, channels_last, ghost_batch_size):
+    args = _inputs(shape, dtype, channels_last)
+    ref = _run(SF.ghost_batch_norm, *args, ghost_batch_size=ghost_batch_size)
+    out = _run(ops.ghost_batch_norm, *args, ghost_batch_size=ghost_batch_size)
+    _assert_same(out, ref, dtype)
+
+
+@pytest.mark.parametrize("shape, dtype, channels_last", CASES)
+@pytest.mark.parametrize("ghost_batch_size", [None, 2])
+@pytest.mark.parametrize("detach_statistics", [False, True])
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_clipped_batch_norm(
+    op_backend, shape, dtype, channels_last, ghost_batch_size, detach_statistics, with_reference
+):
+    args = _inputs(shape, dtype, channels_last)
+    c = shape[1]
+    reference = (
+        SF.ClipReference(center=args[3][0] * 0.5, scale=args[3][1].sqrt())
+        if with_reference
+        else None
+    )
+    # Bounds that clip most samples (the clip is active in forward and backward).
+    kwargs = dict(
+        clip_norm=0.3 * math.sqrt(c),
+        var_clip_norm=0.8 * math.sqrt(c),
+        ghost_batch_size=ghost_batch_size,
+        reference=reference,
+        detach_statistics=detach_statistics,
+    )
+    ref = _run(SF.clipped_batch_norm, *args, **kwargs)
+    out = _run(ops.clipped_batch_norm, *args, **kwargs)
+    _assert_same(out, ref, dtype)
+
+
+@pytest.mark.parametrize("shape, dtype, channels_last", CASES[:3] + CASES[4:])
+@pytest.mark.parametrize("ghost_batch_size", [None, 2])
+@pytest.mark.parametrize("normalize_with", ["batch", "running"])
+def test_dp_batch_norm(op_backend, shape, dtype, channels_last, ghost_batch_size, normalize_with):
+    args = _inputs(shape, dtype, channels_last)
+    kwargs = dict(
+        clip_norm=1.0,
+        var_clip_norm=2.0,
+        noise_multiplier=0.5,
+        denominator=6.0,
+        ghost_batch_size=ghost_batch_size,
+        reference=SF.ClipReference(center=args[3][0], scale=args[3][1].sqrt()),
+        var_floor=0.25,
+        normalize_with=normalize_with,
+    )
+    # The same seed must give the same group draw and noise on both paths.
+    ref = _run(SF.dp_batch_norm, *args, generator=torch.Generator(DEVICE).manual_seed(7), **kwargs)
+    out = _run(ops.dp_batch_norm, *args, generator=torch.Generator(DEVICE).manual_seed(7), **kwargs)
+    _assert_same(out, ref, dtype)
+
+
+def test_dp_release_empty_batch(op_backend):
+    """A noise-only release on an empty batch (Poisson sampling), as the reference."""
+    x = torch.empty(0, 3, 2, 2, device=DEVICE)
+    kwargs = dict(clip_norm=1.0, var_clip_norm=1.0, noise_multiplier=1.0, denominator=4.0)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    rm2, rv2 = rm.clone(), rv.clone()
+    ref = SF.dp_release(x, rm, rv, generator=torch.Generator(DEVICE).manual_seed(3), **kwargs)
+    out = ops.dp_release(x, rm2, rv2, generator=torch.Generator(DEVICE).manual_seed(3), **kwargs)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close((rm2, rv2), (rm, rv))
+
+
+def test_consecutive_groups_match_functional():
+    for n in (1, 2, 5, 7, 8):
+        for g in (0, 1, 2, 3, 8, 9):
+            ours = ops._consecutive_groups(n, g, torch.device("cpu"))
+            ref = SF.consecutive_groups(n, g or None, torch.device("cpu"))
+            assert torch.equal(ours.index, ref.index)
+            assert torch.equal(ours.size, ref.size)
+            assert ops._group_count(n, g) == ref.count
+
+
+@pytest.mark.parametrize("per_sample_stats", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_sample_affine_grads(op_backend, per_sample_stats, channels_last):
+    """Against a loop that differentiates each sample on its own."""
+    x, weight, bias, _, dy = _inputs((4, 3, 3, 5), channels_last=channels_last)
+    g = torch.Generator().manual_seed(5)
+    shape = (4, 3) if per_sample_stats else (3,)
+    mean = torch.randn(shape, generator=g).to(DEVICE)
+    var = (torch.rand(shape, generator=g) + 0.5).to(DEVICE)
+    grad_weight, grad_bias = ops.per_sample_affine_grads(x, dy, mean, var, 1e-5)
+    for i in range(x.shape[0]):
+        w_i = weight.clone().requires_grad_()
+        b_i = bias.clone().requires_grad_()
+        stats = (mean[i], var[i]) if per_sample_stats else (mean, var)
+        y = SF.frozen_normalize(x[i : i + 1], *stats, w_i, b_i, 1e-5)
+        y.backward(dy[i : i + 1])
+        torch.testing.assert_close(grad_weight[i], w_i.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_bias[i], b_i.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_affine_grads_shape_check():
+    x = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="shape"):
+        ops.per_sample_affine_grads(x, x[:1], torch.zeros(3), torch.ones(3), 1e-5)
+
+
+# -- backend switch -----------------------------------------------------------------------------
+
+
+def test_backend_switch():
+    assert ops.get_backend() in ops.BACKENDS
+    previous = ops.get_backend()
+    with ops.use_backend("torch"):
+        assert ops.get_backend() == "torch"
+        x = torch.randn(4, 3, 2, 2, device=DEVICE)
+        assert not ops._dispatch(x)
+    assert ops.get_backend() == previous
+    with pytest.raises(ValueError, match="unknown safenorm backend"):
+        ops.set_backend("cudnn")
+
+
+def test_auto_backend_keeps_eager_cpu_on_functional():
+    if DEVICE != "cpu":
+        pytest.skip("CPU behaviour")
+    with ops.use_backend("auto"):
+        assert not ops._dispatch(torch.zeros(2, 3))
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    if DEVICE != "cpu" or not HAS_TRITON:
+        pytest.skip("CPU with triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ops._dispatch(torch.zeros(2, 3))
+
+
+def test_backend_env_var():
+    code = "import safenorm.ops as o; print(o.get_backend())"
+    env = {**os.environ, ops.BACKEND_ENV: "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "torch", out.stderr
+    env[ops.BACKEND_ENV] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown safenorm backend" in out.stderr
+
+
+# -- opcheck ------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=False):
+        return torch.randn(shape, generator=g).to(DEVICE).requires_grad_(grad)
+
+    x = t(5, 3, 3, 3, grad=True)
+    w, b = (torch.rand(3, generator=g) + 0.5).to(DEVICE).requires_grad_(), t(3, grad=True)
+    var = (torch.rand(3, generator=g) + 0.5).to(DEVICE)
+    ps_var = (torch.rand(5, 3, generator=g) + 0.5).to(DEVICE)
+    scale = (torch.rand(3, generator=g) + 0.5).to(DEVICE)
+    return [
+        ("moments", (t(5, 3, 3, 3),)),
+        ("moments", (t(5, 3),)),
+        ("batch_norm_train", (x, w, b, None, None, 1e-5, 2, False, math.inf, math.inf, False)),
+        ("batch_norm_train", (x, w, b, t(3), scale, 1e-5, 0, True, 1.0, 2.0, False)),
+        ("batch_norm_train", (x, None, None, None, None, 1e-5, 3, True, 1.0, 2.0, True)),
+        ("normalize", (x, t(3), var, w, b, 1e-5)),
+        ("normalize", (x, t(5, 3), ps_var, w, None, 1e-5)),
+        ("affine_grad_sums", (t(5, 3, 3, 3), t(5, 3, 3, 3), t(3), var)),
+        ("normalize_backward", (t(5, 3, 4), t(5, 3, 4), var, t(5, 3), t(5, 3), t(5, 3))),
+        ("normalize_backward", (t(5, 3, 4), t(5, 3, 4), var, None, None, None)),
+        ("frozen_normalize_backward", (t(5, 3, 4), t(5, 3, 4), t(3), var, scale)),
+        ("running_update", (t(3), var.clone(), t(2, 3), var[None].expand(2, 3).clone(),
+                            torch.tensor([3.0, 2.0], device=DEVICE), 9, 0.1)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_opcheck(impl, monkeypatch):
+    if impl == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton not installed")
+        monkeypatch.setattr(ops, "_backend", "triton")
+    for name, args in _opcheck_cases():
+        op = getattr(torch.ops.safenorm, name).default
+        # test_aot_dispatch_dynamic is covered by the torch.compile tests (it is the slow part).
+        tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+        if name in ("batch_norm_train", "normalize") and impl == "torch":
+            tests = (*tests, "test_aot_dispatch_dynamic")
+        torch.library.opcheck(op, args, test_utils=tests)
