@@ -18,6 +18,8 @@ Registered for every concrete class (Opacus looks grad samplers up by exact type
 
 from __future__ import annotations
 
+import math
+
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import Tensor, nn
@@ -100,7 +102,7 @@ def statistics_for_backward(layer: DPBatchNorm, activations: list) -> tuple[Tens
 def _per_sample_terms(layer: DPBatchNorm, activations: list, backprops: Tensor):
     x, mean, var = statistics_for_backward(layer, activations)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    view = (x.shape[0], x.shape[1], -1)
+    view = (x.shape[0], x.shape[1], math.prod(x.shape[2:]))  # explicit: N may be 0
     xs, dy = x.to(dtype).reshape(view), backprops.to(dtype).reshape(view)
     mean, var = mean.to(dtype), var.to(dtype)
     scale = torch.rsqrt(var + layer.eps)
@@ -133,4 +135,4 @@ def compute_dp_batch_norm_norm_sample(
     """Per-sample gradient norms for ghost clipping (the per-sample gradients are only ``(N, C)``,
     so they are formed and their norms taken)."""
     grads = compute_dp_batch_norm_grad_sample(layer, activations, backprops)
-    return {p: g.reshape(g.shape[0], -1).norm(2, dim=-1) for p, g in grads.items()}
+    return {p: g.norm(2, dim=-1) for p, g in grads.items()}  # g: (N, C)
