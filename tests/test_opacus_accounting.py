@@ -17,11 +17,10 @@ from safenorm import privacy
 
 pytest.importorskip("opacus")
 
-from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants import RDPAccountant
 
-from safenorm.opacus import PrivacyEngine  # noqa: E402
-
-from test_privacy_accounting import numeric_rdp  # noqa: E402
+from safenorm.opacus import PrivacyEngine
+from test_privacy_accounting import numeric_rdp
 
 DELTA = 1e-5
 N_DATA, BATCH = 48, 12  # q = 1/4, 4 steps per epoch
