@@ -297,3 +297,17 @@ def test_infinite_bounds_disable_clipping():
     assert torch.equal(SF.clip_rows(u, math.inf), u)
     clipped = SF.clip_rows(u, 2.0)
     torch.testing.assert_close(torch.linalg.vector_norm(clipped, dim=1), torch.full((4,), 2.0))
+
+
+def test_every_releasing_forward_is_counted_and_eval_with_running_stats_releases_nothing():
+    calls = []
+    layer = safenorm.DPBatchNorm2d(3, expected_batch_size=4)
+    layer.register_release_hook(lambda module, n: calls.append((module, n)))
+    x = torch.randn(4, 3, 2, 2)
+    layer(x), layer(x)  # two forwards in one step cost twice
+    assert layer.release_count == 4 and [n for _, n in calls] == [2, 2]
+    layer.eval()(x)
+    assert layer.release_count == 4
+    no_buffers = safenorm.DPBatchNorm2d(3, expected_batch_size=4, track_running_stats=False)
+    no_buffers.eval()(x)  # eval with batch statistics is a release too
+    assert no_buffers.release_count == 2
