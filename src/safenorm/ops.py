@@ -663,6 +663,82 @@ def _dp_groups(
     return SF.random_groups(n, num_groups, denominator, device, generator)
 
 
+def _private_statistics(
+    m: Tensor,
+    w: Tensor,
+    reference: SF.ClipReference,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None,
+    var_floor: float,
+    generator: torch.Generator | None,
+    secure_mode: bool,
+    add_noise: bool,
+) -> SF.PrivateStatistics:
+    """Stage 2 of the DP release from stage-1 moments (as :func:`SF.dp_statistics`)."""
+    groups = _dp_groups(m.shape[0], denominator, ghost_batch_size, m.device, generator)
+    return SF.private_statistics(
+        m,
+        w,
+        groups,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        noise_multiplier=noise_multiplier,
+        reference=reference,
+        var_floor=var_floor,
+        generator=generator,
+        secure_mode=secure_mode,
+        add_noise=add_noise,
+    )
+
+
+@torch.library.custom_op("safenorm::dp_statistics", mutates_args=())
+def _dp_statistics(
+    m: Tensor,
+    w: Tensor,
+    center: Tensor | None,
+    scale: Tensor | None,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int,
+    var_floor: float,
+    secure_mode: bool,
+    add_noise: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The DP release from moments, noise from torch's global generator (or the OS CSPRNG).
+
+    Returns ``(mean (G, C), var (G, C), group index (N,), group denominators (G,))``; random
+    (noise, and the group draw with ghost groups), hence an op: compiled code runs it as is.
+    """
+    stats = _private_statistics(
+        m,
+        w,
+        SF.ClipReference(center=center, scale=scale),
+        clip_norm,
+        var_clip_norm,
+        noise_multiplier,
+        denominator,
+        ghost_batch_size or None,
+        var_floor,
+        None,
+        secure_mode,
+        add_noise,
+    )
+    return stats.mean, stats.var, stats.groups.index.clone(), stats.groups.size.clone()
+
+
+@_dp_statistics.register_fake
+def _(m, w, center, scale, clip_norm, var_clip_norm, sigma, denominator, ghost, floor, s, a):
+    count = 1 if ghost <= 0 else max(1, round(denominator / ghost))
+    stat = m.new_empty((count, m.shape[1]))
+    index = m.new_empty((m.shape[0],), dtype=torch.long)
+    return stat, torch.empty_like(stat), index, m.new_empty((count,), dtype=torch.float32)
+
+
 def dp_release(
     input: Tensor,
     running_mean: Tensor | None,
@@ -706,22 +782,42 @@ def dp_release(
             all_reduce=all_reduce,
             add_noise=add_noise,
         )
+    reference = reference or SF.ClipReference()
     with torch.no_grad():
         m, w = _moments(input.detach())
-        groups = _dp_groups(input.shape[0], denominator, ghost_batch_size, input.device, generator)
-        stats = SF.private_statistics(
-            m,
-            w,
-            groups,
-            clip_norm=clip_norm,
-            var_clip_norm=var_clip_norm,
-            noise_multiplier=noise_multiplier,
-            reference=reference,
-            var_floor=var_floor,
-            generator=generator,
-            secure_mode=secure_mode,
-            add_noise=add_noise,
-        )
+        if generator is None:
+            # One op (opaque to torch.compile): the noise comes from torch's global generator
+            # at run time, in eager and compiled code alike.
+            mean, var, index, size = _dp_statistics(
+                m,
+                w,
+                reference.center,
+                reference.scale,
+                float(clip_norm),
+                float(var_clip_norm),
+                float(noise_multiplier),
+                float(denominator),
+                0 if ghost_batch_size is None else int(ghost_batch_size),
+                float(var_floor),
+                secure_mode,
+                add_noise,
+            )
+            stats = SF.PrivateStatistics(mean, var, SF.Groups(index=index, size=size))
+        else:
+            stats = _private_statistics(
+                m,
+                w,
+                reference,
+                clip_norm,
+                var_clip_norm,
+                noise_multiplier,
+                denominator,
+                ghost_batch_size,
+                var_floor,
+                generator,
+                secure_mode,
+                add_noise,
+            )
     if running_mean is not None and running_var is not None:
         _running_update(
             running_mean,
