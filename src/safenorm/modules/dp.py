@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from safenorm import functional as SF
+from safenorm import ops
 from safenorm.modules._base import SafeBatchNormBase, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 from safenorm.modules.clipped import ClipReferenceName, check_reference, check_sync
@@ -236,7 +237,7 @@ class DPBatchNorm(SafeBatchNormBase):
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
         normalize_with = self.normalize_with if running_mean is not None else "batch"
-        mean, var = SF.dp_release(
+        mean, var = ops.dp_release(
             input,
             running_mean,
             running_var,
@@ -256,7 +257,7 @@ class DPBatchNorm(SafeBatchNormBase):
         )
         self._record_release()
         self.last_statistics = (mean, var)
-        return SF.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
+        return ops.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
 
 
 class DPBatchNorm1d(DPBatchNorm):
