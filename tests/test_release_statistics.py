@@ -80,11 +80,11 @@ def test_low_noise_release_recovers_the_statistics_and_replaces_raw_ones():
     model, loader = model_and_data()
     raw_mean = model[1].running_mean.clone()
     mean, var = exact_moments(model, loader)
-    report = release_statistics(model, loader, epsilon=1e6, delta=1e-5)
-    assert report.noise_multiplier < 1e-3
-    torch.testing.assert_close(model[1].running_mean.double(), mean, atol=1e-4, rtol=0)
+    report = release_statistics(model, loader, epsilon=200.0, delta=1e-5)
+    assert report.noise_multiplier < 0.1
+    torch.testing.assert_close(model[1].running_mean.double(), mean, atol=0.02, rtol=0)
     n = len(loader.dataset)
-    torch.testing.assert_close(model[1].running_var.double(), var * n / (n - 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(model[1].running_var.double(), var * n / (n - 1), atol=0.05, rtol=0)
     assert not torch.equal(model[1].running_mean, raw_mean)
     assert model.training  # mode restored
 

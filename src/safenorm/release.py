@@ -76,7 +76,9 @@ def gaussian_delta(mu: float, epsilon: float) -> float:
     """delta(epsilon) of a Gaussian mechanism with ``mu = sensitivity / noise std`` (exact)."""
     if mu == 0:
         return 0.0
-    return float(_ndtr(-epsilon / mu + mu / 2) - math.exp(epsilon) * _ndtr(-epsilon / mu - mu / 2))
+    tail = _ndtr(-epsilon / mu - mu / 2)
+    second = 0.0 if tail == 0.0 else math.exp(min(epsilon + math.log(tail), 700.0))
+    return max(_ndtr(-epsilon / mu + mu / 2) - second, 0.0)
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
