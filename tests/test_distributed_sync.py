@@ -113,7 +113,7 @@ def test_synced_statistics_equal_single_process_and_dpddp_trains(tmp_path):
     sigma, q, _ = trained["history"][0]
     assert q == pytest.approx(0.5)
     assert sigma == pytest.approx(sigma_eff(1.0, [2.0, 2.0]))
-    assert trained["expected"] == pytest.approx(12.0)  # global public batch size
+    assert trained["expected"] == pytest.approx(0.5 * 12)  # global: q x dataset size
 
 
 def test_converter_refuses_ghost_groups():
