@@ -43,8 +43,10 @@ __all__ = [
     "clipped_statistics",
     "consecutive_groups",
     "dp_batch_norm",
+    "dp_groups",
     "dp_release",
     "dp_statistics",
+    "dp_statistics_from_moments",
     "frozen_normalize",
     "ghost_batch_norm",
     "normalize",
@@ -52,6 +54,7 @@ __all__ = [
     "pooled_running_update",
     "private_statistics",
     "random_groups",
+    "statistics_to_normalize_with",
 ]
 
 
@@ -144,6 +147,12 @@ class Groups:
     def per_sample(self, group_values: Tensor) -> Tensor:
         """Broadcast ``(G, C)`` group values back to ``(N, C)``."""
         return group_values.index_select(0, self.index)
+
+    def normalization_statistics(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """``(G, C)`` group statistics as ``(C,)`` for one group, else ``(N, C)`` per sample."""
+        if self.count == 1:
+            return mean[0], var[0]
+        return self.per_sample(mean), self.per_sample(var)
 
 
 def consecutive_groups(n: int, group_size: int | None, device: torch.device) -> Groups:
@@ -579,16 +588,64 @@ def dp_statistics(
     """
     with torch.no_grad():
         m, w = per_sample_moments(input)
-        num_groups = (
-            1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
+    return dp_statistics_from_moments(
+        m,
+        w,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        noise_multiplier=noise_multiplier,
+        denominator=denominator,
+        ghost_batch_size=ghost_batch_size,
+        reference=reference,
+        var_floor=var_floor,
+        generator=generator,
+        secure_mode=secure_mode,
+        all_reduce=all_reduce,
+        add_noise=add_noise,
+    )
+
+
+def dp_groups(
+    n: int,
+    denominator: float,
+    ghost_batch_size: int | None,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Groups:
+    """The DP layer's partition: one group of public size ``D``, or
+    ``G = max(1, round(D / ghost_batch_size))`` independently drawn groups (:func:`random_groups`).
+    """
+    num_groups = 1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
+    if num_groups == 1:
+        return Groups(
+            index=torch.zeros(n, dtype=torch.long, device=device),
+            size=torch.full((1,), float(denominator), device=device),
         )
-        if num_groups == 1:
-            groups = Groups(
-                index=torch.zeros(input.shape[0], dtype=torch.long, device=input.device),
-                size=torch.full((1,), float(denominator), device=input.device),
-            )
-        else:
-            groups = random_groups(input.shape[0], num_groups, denominator, input.device, generator)
+    return random_groups(n, num_groups, denominator, device, generator)
+
+
+def dp_statistics_from_moments(
+    m: Tensor,
+    w: Tensor,
+    *,
+    clip_norm: float,
+    var_clip_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    ghost_batch_size: int | None = None,
+    reference: ClipReference | None = None,
+    var_floor: float = 0.0,
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    all_reduce: AllReduce | None = None,
+    add_noise: bool = True,
+) -> PrivateStatistics:
+    """:func:`dp_statistics` from precomputed ``(N, C)`` per-sample moments (e.g. a kernel's).
+
+    The group draw comes before the noise, from the same generator.
+    """
+    with torch.no_grad():
+        groups = dp_groups(m.shape[0], denominator, ghost_batch_size, m.device, generator)
         return private_statistics(
             m,
             w,
@@ -603,6 +660,24 @@ def dp_statistics(
             all_reduce=all_reduce,
             add_noise=add_noise,
         )
+
+
+def statistics_to_normalize_with(
+    stats: PrivateStatistics,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    normalize_with: str,
+) -> tuple[Tensor, Tensor]:
+    """The detached statistics a DP layer normalizes with, after its running update.
+
+    ``"running"``: a snapshot of the (already updated) running buffers; ``"batch"``: the release,
+    ``(C,)`` for one group or ``(N, C)`` per sample with ghost groups.
+    """
+    if normalize_with == "running":
+        if running_mean is None or running_var is None:
+            raise ValueError("normalize_with='running' needs running statistics")
+        return running_mean.detach().clone(), running_var.detach().clone()
+    return stats.groups.normalization_statistics(stats.mean, stats.var)
 
 
 def dp_release(
@@ -665,13 +740,7 @@ def dp_release(
             spatial_size(input),
             momentum,
         )
-    if normalize_with == "running":
-        if running_mean is None or running_var is None:
-            raise ValueError("normalize_with='running' needs running statistics")
-        return running_mean.detach().clone(), running_var.detach().clone()
-    if stats.groups.count == 1:
-        return stats.mean[0], stats.var[0]
-    return stats.groups.per_sample(stats.mean), stats.groups.per_sample(stats.var)
+    return statistics_to_normalize_with(stats, running_mean, running_var, normalize_with)
 
 
 def dp_batch_norm(

@@ -210,12 +210,6 @@ def _group_statistics(
     return stats.mean, stats.var
 
 
-def _per_sample_or_channel(mean: Tensor, var: Tensor, groups: SF.Groups) -> tuple[Tensor, Tensor]:
-    if groups.count == 1:
-        return mean[0], var[0]
-    return groups.per_sample(mean), groups.per_sample(var)
-
-
 def _affine_coefficients(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -366,7 +360,7 @@ def _batch_norm_train(
     m, w = _moments(x)
     groups = _consecutive_groups(x.shape[0], ghost_batch_size, x.device)
     mean, var = _group_statistics(m, w, groups, clipped, clip_norm, var_clip_norm, center, scale)
-    mean_x, var_x = _per_sample_or_channel(mean, var, groups)
+    mean_x, var_x = groups.normalization_statistics(mean, var)
     y = _normalize_impl(x, mean_x, var_x, weight, bias, eps)
     return y, mean, var, m, w
 
@@ -396,7 +390,7 @@ def _batch_norm_train_backward(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
     index = torch.arange(n, device=x.device) // g
     size = torch.clamp(n - torch.arange(count, device=x.device) * g, max=g).to(torch.float32)
     groups = SF.Groups(index=index, size=size)
-    mean_x, var_x = _per_sample_or_channel(mean, var, groups)
+    mean_x, var_x = groups.normalization_statistics(mean, var)
     rstd, gain, _ = _affine_coefficients(mean_x, var_x, weight, None, eps)
     dx = dweight = dbias = None
     if detach:
@@ -646,23 +640,6 @@ def clipped_batch_norm(
     )
 
 
-def _dp_groups(
-    n: int,
-    denominator: float,
-    ghost_batch_size: int | None,
-    device: torch.device,
-    generator: torch.Generator | None,
-) -> SF.Groups:
-    # The group policy of safenorm.functional.dp_statistics (tests check they agree).
-    num_groups = 1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
-    if num_groups == 1:
-        return SF.Groups(
-            index=torch.zeros(n, dtype=torch.long, device=device),
-            size=torch.full((1,), float(denominator), device=device),
-        )
-    return SF.random_groups(n, num_groups, denominator, device, generator)
-
-
 def _private_statistics(
     m: Tensor,
     w: Tensor,
@@ -677,15 +654,15 @@ def _private_statistics(
     secure_mode: bool,
     add_noise: bool,
 ) -> SF.PrivateStatistics:
-    """Stage 2 of the DP release from stage-1 moments (as :func:`SF.dp_statistics`)."""
-    groups = _dp_groups(m.shape[0], denominator, ghost_batch_size, m.device, generator)
-    return SF.private_statistics(
+    """Stage 2 of the DP release from stage-1 moments."""
+    return SF.dp_statistics_from_moments(
         m,
         w,
-        groups,
         clip_norm=clip_norm,
         var_clip_norm=var_clip_norm,
         noise_multiplier=noise_multiplier,
+        denominator=denominator,
+        ghost_batch_size=ghost_batch_size,
         reference=reference,
         var_floor=var_floor,
         generator=generator,
@@ -828,11 +805,7 @@ def dp_release(
             math.prod(input.shape[2:]),
             float(momentum),
         )
-    if normalize_with == "running":
-        if running_mean is None or running_var is None:
-            raise ValueError("normalize_with='running' needs running statistics")
-        return running_mean.detach().clone(), running_var.detach().clone()
-    return _per_sample_or_channel(stats.mean, stats.var, stats.groups)
+    return SF.statistics_to_normalize_with(stats, running_mean, running_var, normalize_with)
 
 
 def frozen_normalize(
