@@ -276,3 +276,12 @@ def test_property_clipped_statistics_stay_within_the_clip_ball(n, c, r1, r2, sca
     assert float(torch.linalg.vector_norm(stats.mean[0])) <= r1 + 1e-9
     assert float(torch.linalg.vector_norm(stats.var[0])) <= r2 + 1e-9
     assert (stats.var >= 0).all()
+
+
+def test_dp_with_public_denominator_one_keeps_a_biased_running_variance():
+    layer = safenorm.DPBatchNorm1d(3, expected_batch_size=1, noise_multiplier=0.0, var_floor=0.0,
+                                   clip_norm=math.inf, var_clip_norm=math.inf)  # fmt: skip
+    x = torch.randn(1, 3)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(layer.running_var, torch.full((3,), 0.9))  # 0.9 * 1 + 0.1 * 0

@@ -180,3 +180,12 @@ def test_audit_of_eval_layers_variants_and_instancenorm():
     assert "3" not in found and found["4"] == {"couples-samples"}
     assert found["5"] == {"releases-statistics"} and "6" not in found
     assert safenorm.find_unsafe_layers(safenorm.convert_batchnorm(small_resnet(), "dp")) == []
+
+
+def test_conversion_can_override_eps_and_momentum_only():
+    model = safenorm.convert_batchnorm(
+        nn.Sequential(nn.BatchNorm2d(3)), "dp", momentum=0.3, eps=1e-3
+    )
+    assert model[0].momentum == 0.3 and model[0].eps == 1e-3
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        safenorm.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), "ghost", affine=False)

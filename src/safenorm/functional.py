@@ -374,12 +374,10 @@ def pooled_running_update(
     with torch.no_grad():
         n = group_size.to(mean.dtype).unsqueeze(1) * spatial
         batch_mean = (n * mean).sum(0) / n.sum()
+        # Pooled unbiased variance; with a single value per channel in all (a public DP
+        # denominator of 1 on (N, C) input) there is no degree of freedom: keep it biased.
         dof = (n - 1).clamp_min(0).sum()
-        if dof <= 0:
-            raise ValueError(
-                "expected more than 1 value per channel when training "
-                f"(group sizes {group_size.tolist()}, spatial size {spatial})"
-            )
+        dof = torch.where(dof > 0, dof, n.sum())
         batch_var = (n * var).sum(0) / dof
         for buffer, value in ((running_mean, batch_mean), (running_var, batch_var)):
             buffer.mul_(1 - momentum).add_(value.to(buffer.dtype), alpha=momentum)

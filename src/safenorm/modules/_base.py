@@ -265,13 +265,21 @@ class SafeBatchNormBase(nn.Module):
         Args:
             bn: an ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, a subclass, or another
                 safenorm layer.
-            **kwargs: this class's own keyword arguments (e.g. ``clip_norm``).
+            **kwargs: this class's own keyword arguments (e.g. ``clip_norm``), and ``eps`` or
+                ``momentum`` to override the converted layer's.
         """
+        fixed = {"num_features", "affine", "track_running_stats", "bias", "device", "dtype"}
+        if fixed & set(kwargs):
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: {sorted(fixed & set(kwargs))} come from the "
+                "converted layer and cannot be overridden (eps and momentum can)"
+            )
+        eps, momentum = kwargs.pop("eps", bn.eps), kwargs.pop("momentum", bn.momentum)
         has_bias = getattr(bn, "bias", None) is not None
         new = cls(
             bn.num_features,
-            bn.eps,
-            bn.momentum,
+            eps,
+            momentum,
             bn.affine,
             bn.track_running_stats,
             device="meta",
