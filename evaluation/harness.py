@@ -213,6 +213,15 @@ class Harness:
 
     def train_one(self, variant: str, index: int, keep_row: np.ndarray) -> dict[str, np.ndarray]:
         """Train model ``index`` of ``variant`` on its half, score it, write its cache file."""
+        threads = torch.get_num_threads()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._train_one(variant, index, keep_row)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train_one(self, variant: str, index: int, keep_row: np.ndarray) -> dict[str, np.ndarray]:
         spec = VARIANTS.get(variant)
         u = self.universe
         seed = self.model_seed(index)
@@ -255,8 +264,6 @@ class Harness:
             shard.count,
             self.device,
         )
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         bar = None
         if self.progress and jobs:
             from tqdm.auto import tqdm
