@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False  # a root handler set by a dependency would print every line
     for h in list(LOGGER.handlers):
         if getattr(h, "_safenorm_eval", False):
             LOGGER.removeHandler(h)

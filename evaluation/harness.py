@@ -132,7 +132,9 @@ class Harness:
         self._model_fn = model_fn
         self._custom_key = ""
         if data is not None:
-            digest = hashlib.sha256(data.x.numpy().tobytes() + data.y.numpy().tobytes())
+            digest = hashlib.sha256(
+                data.x.detach().cpu().numpy().tobytes() + data.y.detach().cpu().numpy().tobytes()
+            )
             self._custom_key += f"data:{data.name}:{digest.hexdigest()[:12]}"
         if model_fn is not None:
             self._custom_key += f"model:{model_name or getattr(model_fn, '__qualname__', 'fn')}"
@@ -253,6 +255,12 @@ class Harness:
         """Train and score every pending model of ``shard``; returns how many were trained."""
         for name, reason in self.unavailable().items():
             LOGGER.warning("skipping variant %s: %s", name, reason)
+        if self.config.num_models < 8:
+            LOGGER.warning(
+                "%d models per variant: shadow-model attacks (LiRA, RMIA) need more (16 or "
+                "more) to be meaningful",
+                self.config.num_models,
+            )
         jobs = self.pending(shard)
         keep = self.keep()
         total = self.config.num_models * len(self.variants)

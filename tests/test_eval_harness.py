@@ -123,3 +123,28 @@ def test_python_api_with_user_model_and_data(tmp_path):
     assert results["none"].summary["gradients"]["influence"]["typical_median"] == 0.0
     path = write_report(tmp_path, cfg, results, harness.unavailable(), plots=False)
     assert "| **ghost** |" in path.read_text()
+
+
+@pytest.mark.slow
+def test_quick_profile_dp_variants_leak_less_than_bn(tmp_path):
+    """The quick protocol on bn and the DP variants (minutes on a 2-core CPU)."""
+    pytest.importorskip("opacus")
+    variants = ["bn", "dp-groupnorm"]
+    try:
+        import safenorm.opacus  # noqa: F401
+
+        variants.append("dp")
+    except ImportError:
+        pass
+    cfg = apply_overrides(get_profile("quick"), [f"variants={','.join(variants)}"])
+    harness = Harness(cfg, tmp_path, progress=False)
+    harness.run()
+    results = harness.analyze()
+    bn = results["bn"].summary
+    assert bn["membership"]["eval"]["lira-online"]["canaries"]["auc"]["value"] > 0.9
+    for name in variants[1:]:
+        s = results[name].summary
+        assert s["audit"]["epsilon"] <= s["epsilon"]
+        assert s["exposure"]["in"] < bn["exposure"]["in"]
+        auc = s["membership"]["eval"]["lira-online"]["pool"]["auc"]["value"]
+        assert auc < bn["membership"]["eval"]["lira-online"]["pool"]["auc"]["value"]
