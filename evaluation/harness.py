@@ -91,7 +91,12 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} requested but CUDA is not available; pass --device cpu (or auto)"
+        )
+    return device
 
 
 class Harness:

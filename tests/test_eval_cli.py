@@ -116,3 +116,41 @@ def test_errors_and_listing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "safenorm-eval run --profile quick" in capsys.readouterr().out
+
+
+def test_unavailable_variant_is_reported_not_fatal(first_run, tmp_path, capsys):
+    import shutil
+
+    from safenorm.evaluation.variants import VARIANTS, Variant, register_variant
+
+    out = tmp_path / "unavailable"
+    shutil.copytree(first_run / "cache", out / "cache")
+    register_variant(
+        Variant(
+            "test-missing",
+            "needs a module that is not installed",
+            lambda m, c: m,
+            requires=("not_a_module_xyz",),
+        )
+    )
+    try:
+        args = ["run", *TINY, "--out", str(out), "--variants", "bn,test-missing", "--no-plots"]
+        assert cli.main(args) == 0
+    finally:
+        VARIANTS._items.pop("test-missing")
+    assert "variant test-missing is unavailable" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert "not_a_module_xyz" in report["unavailable"]["test-missing"]
+    assert "| test-missing | unavailable:" in (out / "report.md").read_text()
+
+
+def test_full_profile_fails_clearly_without_its_data_or_gpu(tmp_path, capsys):
+    import torch
+
+    args = ["run", "--profile", "full", "--out", str(tmp_path), "--no-progress"]
+    if not torch.cuda.is_available():
+        assert cli.main(args) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    args += ["--device", "cpu", "--data-root", str(tmp_path / "nowhere")]
+    assert cli.main(args) == 2
+    assert "no CIFAR-10 python batches" in capsys.readouterr().err
