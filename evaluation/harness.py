@@ -413,6 +413,10 @@ def analyze_variant(
                 entry["canaries_by_type"] = per_type
             mia[threat][attack] = entry
     summary["membership"] = mia
+    pool_aucs = {a: e["pool"]["auc"]["value"] for a, e in mia["eval"].items() if "pool" in e}
+    if pool_aucs:  # chosen after the fact: an optimistic summary, labelled as such
+        best = max(pool_aucs, key=pool_aucs.get)
+        summary["strongest_attack"] = {"attack": best, "auc_pool": pool_aucs[best]}
     summary["headline_attack"] = ac.headline
 
     # canary memorization: exposure and the in-out gap of phi
