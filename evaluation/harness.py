@@ -166,8 +166,8 @@ class Harness:
 
     @property
     def variants(self) -> list[str]:
-        """Canonical names of the configured variants."""
-        return [VARIANTS.canonical(v) for v in self.config.variants]
+        """Canonical names of the configured variants (aliases and repeats collapsed)."""
+        return list(dict.fromkeys(VARIANTS.canonical(v) for v in self.config.variants))
 
     def unavailable(self) -> dict[str, str]:
         """Variants that cannot run here, with the reason."""
