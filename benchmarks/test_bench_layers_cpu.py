@@ -55,4 +55,4 @@ def test_forward_backward(benchmark, provider, shape, memory_format):
         layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
 
-    benchmark.pedantic(step, rounds=15, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(step, rounds=40, warmup_rounds=5, iterations=1)
