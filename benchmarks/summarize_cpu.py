@@ -24,8 +24,8 @@ def summarize(path: str) -> str:
         f"CPU: {machine.get('cpu', {}).get('brand_raw', 'unknown')}, "
         f"{machine.get('cpu', {}).get('count', '?')} logical cores, Python "
         f"{machine.get('python_version')}, torch {data.get('torch_version', '?')}; "
-        "forward + backward, median of 40 rounds after 5 warm-up rounds, time relative to nn.BatchNorm2d "
-        "(lower is faster).",
+        "forward + backward, median of 40 rounds after 5 warm-up rounds, time relative to "
+        "nn.BatchNorm2d (lower is faster).",
         "",
         "| shape (N,C,H,W) format | BatchNorm2d ms | " + " | ".join(providers[1:]) + " |",
         "|---|---|" + "---|" * (len(providers) - 1),
