@@ -87,7 +87,42 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-plots", action="store_true")
 
     sub.add_parser("list", help="list variants, attacks, datasets, models, canaries, profiles")
+
+    util = sub.add_parser(
+        "utility",
+        help="privacy-utility study: DP-SGD accuracy at several epsilons (DPBatchNorm vs "
+        "GroupNorm vs none)",
+    )
+    util.add_argument("--out", type=Path, default=Path("safenorm-utility-out"))
+    util.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons")
+    util.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    util.add_argument("--lrs", default="0.1,0.25,0.5,1.0", help="learning-rate grid")
+    util.add_argument("--epochs", type=int, default=15)
+    util.add_argument("--methods", default="dp,dp-groupnorm,dp-none")
+    util.add_argument("--statistics-share", type=float, default=0.1)
+    util.add_argument("--workers", type=int, default=2)
     return parser
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _cmd_utility(args: argparse.Namespace) -> int:
+    from safenorm.evaluation.utility import UtilityConfig, run_utility_study
+
+    config = UtilityConfig(
+        methods=tuple(args.methods.split(",")),
+        epsilons=_floats(args.epsilons),
+        seeds=tuple(int(v) for v in args.seeds.split(",")),
+        lrs=_floats(args.lrs),
+        epochs=args.epochs,
+        statistics_share=args.statistics_share,
+        workers=args.workers,
+    )
+    run_utility_study(config, args.out)
+    print((args.out / "utility.md").read_text())
+    return 0
 
 
 def _setup_logging(out: Path) -> None:
@@ -228,7 +263,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "report": _cmd_report, "merge": _cmd_merge, "list": _cmd_list}
+COMMANDS = {
+    "run": _cmd_run,
+    "report": _cmd_report,
+    "merge": _cmd_merge,
+    "list": _cmd_list,
+    "utility": _cmd_utility,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
