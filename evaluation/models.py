@@ -7,7 +7,7 @@ from collections.abc import Callable
 from safenorm.evaluation.registry import Registry
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model"]
+__all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model", "digits_dp_cnn"]
 
 
 class SmallCNN(nn.Module):
@@ -39,6 +39,25 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))
+
+
+def digits_dp_cnn(num_classes: int = 10) -> nn.Module:
+    """The 2-conv BatchNorm CNN of the DP-SGD studies on 8x8 digits (DESIGN.md §3.1's family).
+
+    Conv-BN-ReLU-MaxPool twice and a linear head on the 32x2x2 features.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, num_classes),
+    )
 
 
 class BasicBlock(nn.Module):
@@ -103,6 +122,7 @@ MODELS: Registry[ModelBuilder] = Registry("model")
 MODELS.register("small-cnn", lambda c, k: SmallCNN(c, k), aliases=("cnn", "digits-cnn"))
 MODELS.register("resnet", lambda c, k: ResNet(c, k), aliases=("resnet-cifar", "resnet14"))
 MODELS.register("resnet20", lambda c, k: ResNet(c, k, blocks=3))
+MODELS.register("digits-dp-cnn", lambda c, k: digits_dp_cnn(k))
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int = 8) -> nn.Module:

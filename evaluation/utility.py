@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safenorm.evaluation.models import digits_dp_cnn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -64,22 +65,6 @@ class UtilityConfig:
     dp_layer_options: dict[str, Any] = field(default_factory=dict)
 
 
-def digits_cnn() -> nn.Module:
-    """The 2-conv BatchNorm CNN of the study (DESIGN.md §3.1's model family)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 2 * 2, 10),
-    )
-
-
 def _splits(config: UtilityConfig) -> dict[str, tuple[Tensor, Tensor]]:
     """Standardized digits: ``train``, ``fit`` + ``validation`` (a split of train), ``test``."""
     from sklearn.datasets import load_digits
@@ -112,7 +97,7 @@ def _build(method: str, config: UtilityConfig) -> tuple[nn.Module, Any]:
     import safenorm
     from safenorm.opacus import PrivacyEngine
 
-    model = digits_cnn()
+    model = digits_dp_cnn()
     builders: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
         "dp": lambda: (
             safenorm.convert_batchnorm(model, "dp", **config.dp_layer_options),

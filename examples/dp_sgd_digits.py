@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine as OpacusPrivacyEngine
 from opacus.validators import ModuleValidator
+from safenorm.evaluation.models import digits_dp_cnn as bn_cnn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -37,22 +38,6 @@ def digits(seed: int = 0):
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
     mean, std = x_tr.mean(), x_tr.std()
     return TensorDataset((x_tr - mean) / std, y_tr), TensorDataset((x_te - mean) / std, y_te)
-
-
-def bn_cnn() -> nn.Module:
-    """A small BatchNorm CNN (the model a user starts from)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 2 * 2, 10),
-    )
 
 
 def accuracy(model: nn.Module, dataset: TensorDataset) -> float:
@@ -117,10 +102,7 @@ def run(
     }
 
     torch.manual_seed(seed)
-    dp = safenorm.convert_batchnorm(bn_cnn(), "dp")
-    for module in dp.modules():
-        if isinstance(module, safenorm.DPBatchNorm):
-            module.momentum = 0.3  # DESIGN.md §3.1: EMA of the released statistics
+    dp = safenorm.convert_batchnorm(bn_cnn(), "dp")  # the layers' defaults
     engine = PrivacyEngine(accountant="rdp")
     start = time.perf_counter()
     sigma, eps = train(

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from opacus.validators.errors import UnsupportedModuleError
+from safenorm.evaluation.models import digits_dp_cnn as bn_cnn
 from sklearn import datasets
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import safenorm
@@ -35,21 +35,6 @@ def digits():
     x, y = x[perm], y[perm]
     x = (x - x[:1400].mean()) / x[:1400].std()
     return TensorDataset(x[:1400], y[:1400]), TensorDataset(x[1400:], y[1400:])
-
-
-def bn_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(128, 10),
-    )
 
 
 def test_plain_opacus_rejects_bn_and_safenorm_trains_the_converted_model():
