@@ -97,7 +97,10 @@ class DPConfig:
         lr: learning rate of DP-SGD (usually larger than the non-DP one).
         momentum: SGD momentum of DP-SGD.
         epochs: DP-SGD epochs (``None``: the non-DP ``epochs``).
-        bn_noise_multiplier: noise multiplier of DPBatchNorm's statistics releases.
+        statistics_share: share of each step's privacy budget (``1 / noise_multiplier^2``)
+            given to DPBatchNorm's statistics releases; the gradient noise is raised so that the
+            step's ``sigma_eff`` is ``noise_multiplier``, so ``dp`` and ``dp-groupnorm`` spend the
+            same epsilon.
     """
 
     noise_multiplier: float = 1.0
@@ -106,7 +109,7 @@ class DPConfig:
     lr: float = 1.0
     momentum: float = 0.0
     epochs: int | None = None
-    bn_noise_multiplier: float = 8.0
+    statistics_share: float = 0.1
 
 
 @dataclass

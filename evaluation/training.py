@@ -160,9 +160,9 @@ def _make_dp_trainer(engine_factory: Callable[[], Any]) -> Trainer:
             module=model,
             optimizer=opt,
             data_loader=loader,
-            noise_multiplier=dc.noise_multiplier,
             max_grad_norm=dc.max_grad_norm,
             poisson_sampling=True,
+            **_noise_arguments(model, dc),
         )
         epochs = dc.epochs if dc.epochs is not None else tc.epochs
         sched = _cosine(
@@ -191,6 +191,25 @@ def _make_dp_trainer(engine_factory: Callable[[], Any]) -> Trainer:
         return TrainResult(inner, epsilon, steps, time.perf_counter() - start, last)
 
     return train_dp
+
+
+def _noise_arguments(model: nn.Module, dc: Any) -> dict[str, float]:
+    """Noise multipliers making every step one Gaussian with ``sigma_eff = dc.noise_multiplier``.
+
+    Without DP statistics layers that is the gradient's; with them, the budget is split by
+    ``dc.statistics_share`` (:func:`safenorm.privacy.split_noise`), so every DP variant with the
+    same ``noise_multiplier`` spends the same epsilon.
+    """
+    from safenorm.privacy import planned_releases, split_noise
+
+    releases = planned_releases(model)
+    if releases == 0:
+        return {"noise_multiplier": dc.noise_multiplier}
+    plan = split_noise(dc.noise_multiplier, releases, dc.statistics_share)
+    return {
+        "noise_multiplier": plan.gradient_noise_multiplier,
+        "statistics_noise_multiplier": plan.statistics_noise_multiplier,
+    }
 
 
 def _opacus_engine() -> Any:

@@ -99,7 +99,8 @@ def _clipped(model: nn.Module, config: EvalConfig) -> nn.Module:
 
 
 def _dp(model: nn.Module, config: EvalConfig) -> nn.Module:
-    return safenorm.convert_batchnorm(model, "dp", noise_multiplier=config.dp.bn_noise_multiplier)
+    # The statistics' noise is set by the trainer from config.dp.statistics_share.
+    return safenorm.convert_batchnorm(model, "dp")
 
 
 def _groupnorm(model: nn.Module, config: EvalConfig) -> nn.Module:
