@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from torch import nn
-
-import safenorm
 from safenorm.evaluation.config import DPConfig
 from safenorm.evaluation.models import digits_dp_cnn
 from safenorm.evaluation.training import _noise_arguments
+from torch import nn
+
+import safenorm
 from safenorm.privacy import sigma_eff
 
 
