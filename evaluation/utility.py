@@ -6,7 +6,10 @@ per-sample clipping, ``make_private_with_epsilon`` calibrated to the same ``(eps
 * ``dp``: BatchNorm converted to :class:`safenorm.DPBatchNorm2d`, trained with
   :class:`safenorm.opacus.PrivacyEngine` (gradient AND statistics noise within the budget);
 * ``dp-groupnorm``: Opacus' ``ModuleValidator.fix`` (GroupNorm), plain ``opacus.PrivacyEngine``;
-* ``dp-none``: BatchNorm removed, plain ``opacus.PrivacyEngine``.
+* ``dp-none``: BatchNorm removed, plain ``opacus.PrivacyEngine``;
+* ``dp-exact-stats`` (a diagnostic, **not private**): DPBatchNorm whose statistics get
+  (almost) no noise, with the gradient noise of the gradient-only methods at the target epsilon:
+  what DPBatchNorm would reach if its statistics were free. Its epsilon is reported as ``nan``.
 
 The learning rate of each (method, epsilon) is chosen from a grid on a validation split carved
 out of the training split (so the test set plays no part in tuning); then each seed trains on the
@@ -111,6 +114,10 @@ def _build(method: str, config: UtilityConfig) -> tuple[nn.Module, Any]:
             _remove_batchnorm(model),
             opacus.PrivacyEngine(accountant="rdp"),
         ),
+        "dp-exact-stats": lambda: (
+            safenorm.convert_batchnorm(model, "dp", **config.dp_layer_options),
+            PrivacyEngine(accountant="rdp"),
+        ),
     }
     if method not in builders:
         raise ValueError(f"unknown method {method!r}; known: {sorted(builders)}")
@@ -142,17 +149,23 @@ def train_and_score(
         model, engine = _build(method, config)
         loader = DataLoader(TensorDataset(*train), batch_size=config.batch_size, shuffle=True)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        extra = {"statistics_share": config.statistics_share} if method == "dp" else {}
-        dp_model, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            target_epsilon=epsilon,
-            target_delta=config.delta,
-            epochs=config.epochs,
-            max_grad_norm=config.max_grad_norm,
-            **extra,
-        )
+        common = {"module": model, "optimizer": optimizer, "data_loader": loader,
+                  "max_grad_norm": config.max_grad_norm}  # fmt: skip
+        if method == "dp-exact-stats":
+            dp_model, dp_optimizer, dp_loader = engine.make_private(
+                **common,
+                noise_multiplier=_gradient_only_sigma(epsilon, len(loader), config),
+                statistics_noise_multiplier=EXACT_STATISTICS_NOISE,
+            )
+        else:
+            extra = {"statistics_share": config.statistics_share} if method == "dp" else {}
+            dp_model, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
+                **common,
+                target_epsilon=epsilon,
+                target_delta=config.delta,
+                epochs=config.epochs,
+                **extra,
+            )
         for _ in range(config.epochs):
             dp_model.train()
             for xb, yb in dp_loader:
@@ -161,11 +174,27 @@ def train_and_score(
                 loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
                 loss.backward()
                 dp_optimizer.step()
-        spent = float(engine.get_epsilon(config.delta))
+        spent = math.nan if method == "dp-exact-stats" else engine.get_epsilon(config.delta)
     dp_model.eval()
     with torch.no_grad():
         accuracy = float((dp_model(evaluate[0]).argmax(1) == evaluate[1]).float().mean())
-    return {"accuracy": accuracy, "epsilon_spent": spent}
+    return {"accuracy": accuracy, "epsilon_spent": float(spent)}
+
+
+#: Statistics noise of the (non-private) ``dp-exact-stats`` diagnostic: negligible.
+EXACT_STATISTICS_NOISE = 1e-6
+
+
+def _gradient_only_sigma(epsilon: float, batches: int, config: UtilityConfig) -> float:
+    """The gradient noise multiplier Opacus calibrates for ``epsilon`` without statistics."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=config.delta, sample_rate=1 / batches,
+            epochs=config.epochs, accountant="rdp",
+        )
+    )  # fmt: skip
 
 
 def _job(args: tuple) -> dict[str, Any]:
@@ -214,6 +243,7 @@ def run_utility_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "runs.jsonl"
+    _check_cache_protocol(out / "config.json", config)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     grid = [(m, e) for m in config.methods for e in config.epsilons]
     selection = [
@@ -239,6 +269,26 @@ def run_utility_study(
     (out / "utility.md").write_text(utility_report(summary))
     _plot(summary, out / "utility.png")
     return summary
+
+
+#: Fields that may change between runs sharing a cache (what is run, not how).
+_SELECTION_FIELDS = ("methods", "epsilons", "seeds", "workers")
+
+
+def _check_cache_protocol(path: Path, config: UtilityConfig) -> None:
+    """Refuse to mix cached runs of another protocol (epochs, batch size, lr grid...) in."""
+    if not path.exists():
+        return
+    cached = json.loads(path.read_text())
+    current = json.loads(json.dumps(asdict(config)))
+    differing = sorted(
+        k for k in current if k not in _SELECTION_FIELDS and cached.get(k) != current[k]
+    )
+    if differing:
+        raise ValueError(
+            f"{path.parent} holds runs of another protocol (differs in {differing}); "
+            "use a new output directory"
+        )
 
 
 def _t_interval(values: list[float]) -> float:
@@ -277,7 +327,9 @@ def utility_report(summary: dict[str, Any]) -> str:
         f"{config['batch_size']}, clip {config['max_grad_norm']}, seeds {config['seeds']}; "
         "learning rate chosen per (method, epsilon) on a validation split from "
         f"{config['lrs']}; DPBatchNorm's statistics get {config['statistics_share']:.0%} of the "
-        "budget. Test accuracy, mean over seeds with the 95% t-interval.",
+        "budget. Test accuracy, mean over seeds with the 95% t-interval. `dp-exact-stats` is a "
+        "diagnostic, not private: DPBatchNorm with (almost) noise-free statistics and the "
+        "gradient-only noise of the target epsilon (its epsilon shows as nan).",
         "",
         "| method | " + " | ".join(f"eps = {e:g}" for e in epsilons) + " |",
         "|---|" + "---|" * len(epsilons),

@@ -41,3 +41,13 @@ def test_tiny_study_calibrates_epsilon_writes_a_report_and_resumes(tmp_path):
     run_utility_study(config, tmp_path, log=lambda _: None)  # resumes: nothing retrained
     assert (tmp_path / "runs.jsonl").read_text().splitlines() == lines
     assert json.loads((tmp_path / "utility.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_a_cache_of_another_protocol_is_refused(tmp_path):
+    config = UtilityConfig(methods=("dp-none",), epsilons=(8.0,), seeds=(0,), lrs=(0.5,),
+                           epochs=1, workers=1)  # fmt: skip
+    run_utility_study(config, tmp_path, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"another protocol.*epochs"):
+        run_utility_study(
+            UtilityConfig(**{**config.__dict__, "epochs": 2}), tmp_path, log=lambda _: None
+        )
