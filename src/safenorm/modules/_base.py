@@ -232,16 +232,13 @@ class SafeBatchNormBase(nn.Module):
         self._check_batch(input)
         if not (self.check_statistics and self.training and self.track_running_stats):
             return self._batch_forward(input)
-        before = [
-            b.clone() for b in (self.running_mean, self.running_var, self.num_batches_tracked)
-        ]
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        before = [b.clone() for b in buffers]
         output = self._batch_forward(input)
         if not bool(
             torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
         ):
-            for buffer, saved in zip(
-                (self.running_mean, self.running_var, self.num_batches_tracked), before, strict=True
-            ):
+            for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(saved)
             raise ValueError(
                 f"{self._describe()}: batch statistics are NaN or infinite; the input (or an "
