@@ -640,37 +640,6 @@ def clipped_batch_norm(
     )
 
 
-def _private_statistics(
-    m: Tensor,
-    w: Tensor,
-    reference: SF.ClipReference,
-    clip_norm: float,
-    var_clip_norm: float,
-    noise_multiplier: float,
-    denominator: float,
-    ghost_batch_size: int | None,
-    var_floor: float,
-    generator: torch.Generator | None,
-    secure_mode: bool,
-    add_noise: bool,
-) -> SF.PrivateStatistics:
-    """Stage 2 of the DP release from stage-1 moments."""
-    return SF.dp_statistics_from_moments(
-        m,
-        w,
-        clip_norm=clip_norm,
-        var_clip_norm=var_clip_norm,
-        noise_multiplier=noise_multiplier,
-        denominator=denominator,
-        ghost_batch_size=ghost_batch_size,
-        reference=reference,
-        var_floor=var_floor,
-        generator=generator,
-        secure_mode=secure_mode,
-        add_noise=add_noise,
-    )
-
-
 @torch.library.custom_op("safenorm::dp_statistics", mutates_args=())
 def _dp_statistics(
     m: Tensor,
@@ -691,19 +660,18 @@ def _dp_statistics(
     Returns ``(mean (G, C), var (G, C), group index (N,), group denominators (G,))``; random
     (noise, and the group draw with ghost groups), hence an op: compiled code runs it as is.
     """
-    stats = _private_statistics(
+    stats = SF.dp_statistics_from_moments(
         m,
         w,
-        SF.ClipReference(center=center, scale=scale),
-        clip_norm,
-        var_clip_norm,
-        noise_multiplier,
-        denominator,
-        ghost_batch_size or None,
-        var_floor,
-        None,
-        secure_mode,
-        add_noise,
+        clip_norm=clip_norm,
+        var_clip_norm=var_clip_norm,
+        noise_multiplier=noise_multiplier,
+        denominator=denominator,
+        ghost_batch_size=ghost_batch_size or None,
+        reference=SF.ClipReference(center=center, scale=scale),
+        var_floor=var_floor,
+        secure_mode=secure_mode,
+        add_noise=add_noise,
     )
     return stats.mean, stats.var, stats.groups.index.clone(), stats.groups.size.clone()
 
@@ -781,19 +749,19 @@ def dp_release(
             )
             stats = SF.PrivateStatistics(mean, var, SF.Groups(index=index, size=size))
         else:
-            stats = _private_statistics(
+            stats = SF.dp_statistics_from_moments(
                 m,
                 w,
-                reference,
-                clip_norm,
-                var_clip_norm,
-                noise_multiplier,
-                denominator,
-                ghost_batch_size,
-                var_floor,
-                generator,
-                secure_mode,
-                add_noise,
+                clip_norm=clip_norm,
+                var_clip_norm=var_clip_norm,
+                noise_multiplier=noise_multiplier,
+                denominator=denominator,
+                ghost_batch_size=ghost_batch_size,
+                reference=reference,
+                var_floor=var_floor,
+                generator=generator,
+                secure_mode=secure_mode,
+                add_noise=add_noise,
             )
     if running_mean is not None and running_var is not None:
         _running_update(
