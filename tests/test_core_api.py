@@ -222,6 +222,9 @@ def test_non_contiguous_input(family):
 def test_invalid_variant_arguments_are_refused():
     with pytest.raises(ValueError, match="ghost_batch_size"):
         safenorm.GhostBatchNorm2d(3, ghost_batch_size=0)
+    for family in ("ClippedBatchNorm2d", "DPBatchNorm2d"):
+        with pytest.raises(ValueError, match=f"{family}: ghost_batch_size must be a positive int"):
+            getattr(safenorm, family)(3, ghost_batch_size=0)
     with pytest.raises(ValueError, match="positive"):
         safenorm.ClippedBatchNorm2d(3, clip_norm=-1.0)
     with pytest.raises(ValueError, match="normalize_with='running' needs"):

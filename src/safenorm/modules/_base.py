@@ -293,6 +293,14 @@ class SafeBatchNormBase(nn.Module):
         return new
 
 
+def check_ghost_batch_size(layer: str, value: int | None, *, optional: bool) -> None:
+    """Refuse a ghost batch size that is not a positive int (``None`` only if ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{layer}: ghost_batch_size must be a positive int, got {value!r}")
+
+
 def resolve_bound(value: float | None, default_per_channel: float, num_features: int) -> float:
     """A clip bound: the user's value, or ``default_per_channel * sqrt(C)`` (RMS per channel)."""
     if value is None:

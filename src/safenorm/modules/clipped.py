@@ -9,7 +9,7 @@ from torch import Tensor
 
 from safenorm import functional as SF
 from safenorm import ops
-from safenorm.modules._base import SafeBatchNormBase, resolve_bound
+from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 
 __all__ = ["ClippedBatchNorm", "ClippedBatchNorm1d", "ClippedBatchNorm2d", "ClippedBatchNorm3d"]
@@ -28,6 +28,14 @@ def check_sync(layer: str, process_group: Any, ghost_batch_size: int | None) -> 
             f"{layer}: ghost_batch_size cannot be combined with a process_group; use one or the "
             "other"
         )
+
+
+def clip_reference_of(layer: SafeBatchNormBase) -> SF.ClipReference:
+    """The public clipping reference of a clipped or DP layer: raw units, or a snapshot of its
+    running statistics (as they are before this forward updates them)."""
+    if layer.clip_reference == "none":
+        return SF.ClipReference()
+    return SF.ClipReference.from_running(layer.running_mean, layer.running_var, layer.eps)
 
 
 def check_reference(layer: str, clip_reference: str) -> None:
@@ -106,10 +114,7 @@ class ClippedBatchNorm(SafeBatchNormBase):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         check_reference(type(self).__name__, clip_reference)
-        if ghost_batch_size is not None and (
-            not isinstance(ghost_batch_size, int) or ghost_batch_size < 1
-        ):
-            raise ValueError(f"{type(self).__name__}: ghost_batch_size must be a positive int")
+        check_ghost_batch_size(type(self).__name__, ghost_batch_size, optional=True)
         self.clip_norm = resolve_bound(clip_norm, DEFAULT_MEAN_CLIP_PER_CHANNEL, num_features)
         self.var_clip_norm = resolve_bound(
             var_clip_norm, DEFAULT_VAR_CLIP_PER_CHANNEL, num_features
@@ -121,9 +126,7 @@ class ClippedBatchNorm(SafeBatchNormBase):
         check_sync(type(self).__name__, process_group, ghost_batch_size)
 
     def _reference(self) -> SF.ClipReference:
-        if self.clip_reference == "none":
-            return SF.ClipReference()
-        return SF.ClipReference.from_running(self.running_mean, self.running_var, self.eps)
+        return clip_reference_of(self)
 
     def _handles_empty_batch(self) -> bool:
         # A process with no samples must still join the all-reduce of the others.

@@ -13,9 +13,14 @@ from torch.utils.hooks import RemovableHandle
 
 from safenorm import functional as SF
 from safenorm import ops
-from safenorm.modules._base import SafeBatchNormBase, resolve_bound
+from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
-from safenorm.modules.clipped import ClipReferenceName, check_reference, check_sync
+from safenorm.modules.clipped import (
+    ClipReferenceName,
+    check_reference,
+    check_sync,
+    clip_reference_of,
+)
 from safenorm.warnings import PrivacyWarning
 
 __all__ = ["DPBatchNorm", "DPBatchNorm1d", "DPBatchNorm2d", "DPBatchNorm3d"]
@@ -148,6 +153,7 @@ class DPBatchNorm(SafeBatchNormBase):
             var_clip_norm, DEFAULT_VAR_CLIP_PER_CHANNEL, num_features
         )
         self.noise_multiplier = float(noise_multiplier)
+        check_ghost_batch_size(name, ghost_batch_size, optional=True)
         self.ghost_batch_size = ghost_batch_size
         self.expected_batch_size = expected_batch_size
         self.clip_reference = clip_reference
@@ -226,9 +232,7 @@ class DPBatchNorm(SafeBatchNormBase):
         """One value per channel is fine: the denominator and the noise do not depend on it."""
 
     def _reference(self) -> SF.ClipReference:
-        if self.clip_reference == "none":
-            return SF.ClipReference()
-        return SF.ClipReference.from_running(self.running_mean, self.running_var, self.eps)
+        return clip_reference_of(self)
 
     def _batch_forward(self, input: Tensor) -> Tensor:
         all_reduce, add_noise = self._all_reduce()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from safenorm import ops
-from safenorm.modules._base import SafeBatchNormBase
+from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -56,11 +56,7 @@ class GhostBatchNorm(SafeBatchNormBase):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
-            raise ValueError(
-                f"{type(self).__name__}: ghost_batch_size must be a positive int, "
-                f"got {ghost_batch_size!r}"
-            )
+        check_ghost_batch_size(type(self).__name__, ghost_batch_size, optional=False)
         self.ghost_batch_size = ghost_batch_size
 
     def _batch_forward(self, input: Tensor) -> Tensor:
