@@ -1,8 +1,9 @@
-"""DP-SGD step time on CPU: DPBatchNorm vs Opacus' GroupNorm fix, same ResNet-style CNN and batch.
+"""DP-SGD step time: DPBatchNorm vs Opacus' GroupNorm fix, same ResNet-style CNN and batch.
 
-    python benchmarks/bench_dp_sgd.py --batch 64 --steps 10
+    python benchmarks/bench_dp_sgd.py --batch 64 --steps 10                  # CPU
+    python benchmarks/bench_dp_sgd.py --device cuda --batch 256 --out $OUT   # GPU
 
-Writes benchmarks/results/dp_sgd_cpu.json and dp_sgd_cpu.md.
+Writes dp_sgd_<device>.json and dp_sgd_<device>.md under --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def resnet() -> nn.Module:
     )
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps(model, engine, x, y, steps: int, warmup: int = 2) -> list[float]:
     gs_model, opt, _ = engine.make_private(
         module=model,
@@ -73,10 +79,12 @@ def time_steps(model, engine, x, y, steps: int, warmup: int = 2) -> list[float]:
     )
     times = []
     for i in range(warmup + steps):
+        _sync(x.device)
         start = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(gs_model(x), y).backward()
         opt.step()
+        _sync(x.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -87,14 +95,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     torch.manual_seed(0)
-    groupnorm = ModuleValidator.fix(resnet())
+    groupnorm = ModuleValidator.fix(resnet()).to(device)
     torch.manual_seed(0)
-    dp = safenorm.convert_batchnorm(resnet(), "dp", expected_batch_size=args.batch)
+    dp = safenorm.convert_batchnorm(resnet(), "dp", expected_batch_size=args.batch).to(device)
     results = {}
     gn_times = time_steps(groupnorm, OpacusPrivacyEngine(), x, y, args.steps)
     dp_times = time_steps(dp, PrivacyEngine(), x, y, args.steps)
@@ -111,10 +122,11 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "opacus": opacus.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "python": platform.python_version(),
     }
     record = {
-        "benchmark": "dp_sgd_step_cpu",
+        "benchmark": f"dp_sgd_step_{device.type}",
         "model": "ResNet-style CNN (3 blocks, 7 norm layers)",
         "batch": args.batch,
         "input": [3, args.size, args.size],
@@ -123,10 +135,10 @@ def main() -> None:
         "ratio_dp_over_groupnorm": ratio,
         "machine": machine,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dp_sgd_cpu.json").write_text(json.dumps(record, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"dp_sgd_{device.type}.json").write_text(json.dumps(record, indent=2))
     lines = [
-        "# DP-SGD step on CPU: DPBatchNorm vs Opacus' GroupNorm fix",
+        f"# DP-SGD step on {device.type.upper()}: DPBatchNorm vs Opacus' GroupNorm fix",
         "",
         f"ResNet-style CNN, batch {args.batch}, input 3x{args.size}x{args.size}, hooks mode, "
         f"median of {args.steps} steps after 2 warm-up steps, same batch for both.",
@@ -143,7 +155,7 @@ def main() -> None:
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
         "",
     ]
-    (RESULTS / "dp_sgd_cpu.md").write_text("\n".join(lines))
+    (args.out / f"dp_sgd_{device.type}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -45,7 +45,9 @@ GPU_SHAPES = [
 ]
 DRY_SHAPES = [("tiny", 3, 5, 3, 3), ("tiny_cl", 4, 3, 2, 5)]
 # torch.compile of the reference recompiles per shape and dtype: only these shapes.
-COMPILE_SHAPES = {"resnet50_s1", "cifar_s1", "tiny"}
+COMPILE_SHAPES = {"resnet50_s1", "tiny"}
+# The kernel and op tests: on a CUDA machine their DEVICE is "cuda", so they run compiled kernels.
+KERNEL_TESTS = ["tests/test_kernels_interpret.py", "tests/test_ops.py", "tests/test_ops_compile.py"]
 
 
 def _parse() -> argparse.Namespace:
@@ -53,7 +55,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreter")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "benchmarks" / "results")))
     p.add_argument("--budget-s", type=float, default=300.0, help="stop timing after this long")
-    p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    p.add_argument("--tests-timeout-s", type=float, default=150.0, help="limit of the test step")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the kernel tests")
     return p.parse_args()
 
 
@@ -82,14 +85,22 @@ def _machine(torch) -> dict:
     return info
 
 
-def _run_gpu_tests(dry_run: bool) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
-    cmd += ["tests/test_kernels_interpret.py", "tests/test_ops.py"] if dry_run else []
+def _run_gpu_tests(dry_run: bool, timeout_s: float) -> dict:
+    marks = "gpu" if dry_run else "not slow"  # the dry run only checks that this step works
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", marks, "-p", "no:cacheprovider"]
+    cmd += KERNEL_TESTS
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=timeout_s
+        )
+        rc, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as expired:
+        rc, output = "timeout", f"{expired.stdout or ''}{expired.stderr or ''}"
+        output = output.decode() if isinstance(output, bytes) else output
+    tail = output.strip().splitlines()[-25:]
     print("\n".join(tail), flush=True)
-    return {"cmd": " ".join(cmd), "rc": proc.returncode, "seconds": time.perf_counter() - start,
+    return {"cmd": " ".join(cmd), "rc": rc, "seconds": time.perf_counter() - start,
             "tail": tail}  # fmt: skip
 
 
@@ -169,8 +180,9 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"machine": _machine(torch), "dry_run": args.dry_run, "results": []}
     report["byte_model"] = BYTES_PER_ELEMENT_ACCESSES
+    path = out_dir / ("gpu_run_dry.json" if args.dry_run else "gpu_run.json")
     if not args.skip_tests:
-        report["gpu_tests"] = _run_gpu_tests(args.dry_run)
+        report["gpu_tests"] = _run_gpu_tests(args.dry_run, args.tests_timeout_s)
     bench = _timer(torch, cuda)
     shapes = DRY_SHAPES if args.dry_run else GPU_SHAPES
     dtypes = [torch.float32] if args.dry_run else [torch.float32, torch.bfloat16]
@@ -208,6 +220,7 @@ def main() -> int:
                     shape_name=shape_name, shape=[n, c, h, w], dtype=str(dtype).split(".")[-1],
                     format=fmt, numel=x.numel(), elem_size=x.element_size(),
                 )  # fmt: skip
+                meta = {k: v for k, v in common.items() if k not in ("numel", "elem_size")}
                 for name, fn in providers.items():
                     if name == "clipped_compiled_ref" and (
                         shape_name not in COMPILE_SHAPES or fmt != "nchw"
@@ -215,7 +228,13 @@ def main() -> int:
                         continue
                     # fp32 parameters and statistics, x in `dtype` (as mixed-precision training).
                     params = [x, *(fn.parameters() if isinstance(fn, nn.Module) else [])]
-                    y = fn(x)
+                    try:
+                        y = fn(x)
+                    except Exception as error:  # keep going: report what failed
+                        report["results"].append(dict(provider=name, mode="forward",
+                                                      error=repr(error), **meta))  # fmt: skip
+                        print(f"{name} failed: {error!r}", flush=True)
+                        continue
                     modes = {
                         "forward": lambda fn=fn, x=x: fn(x),
                         "backward": lambda y=y, dy=dy: y.backward(dy, retain_graph=True),
@@ -226,13 +245,13 @@ def main() -> int:
                             ms, lo, hi = bench(call, params)
                         except Exception as error:  # keep going: report what failed
                             report["results"].append(
-                                dict(provider=name, mode=mode, error=repr(error), **{
-                                    k: v for k, v in common.items()
-                                    if k not in ("numel", "elem_size")})
-                            )  # fmt: skip
+                                dict(provider=name, mode=mode, error=repr(error), **meta)
+                            )
                             print(f"{name} {mode} failed: {error!r}", flush=True)
                             continue
-                        record(provider=name, mode=mode, ms=ms, ms_p20=lo, ms_p80=hi, **common)
+                        peak = _peak_bytes(torch, call, params) if mode == "full" else None
+                        record(provider=name, mode=mode, ms=ms, ms_p20=lo, ms_p80=hi,
+                               peak_extra_bytes=peak, **common)  # fmt: skip
                 # Per-sample affine gradients: fused pass vs the separate pass from activations.
                 xd, mean = x.detach(), x.detach().float().mean((0, 2, 3))
                 var = x.detach().float().var((0, 2, 3)) + 0.5
@@ -250,15 +269,29 @@ def main() -> int:
                     record(provider=name, mode="affine_grads", ms=ms, ms_p20=lo, ms_p80=hi,
                            **common)  # fmt: skip
                 del x, dy, providers
+                path.write_text(json.dumps(report, indent=1))  # what ran so far, if cut short
     report["skipped_configs_over_budget"] = skipped
     report["seconds"] = time.perf_counter() - start
     report["summary"] = _summary(report["results"])
-    path = out_dir / ("gpu_run_dry.json" if args.dry_run else "gpu_run.json")
     path.write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {path}")
     tests = report.get("gpu_tests", {"rc": 0})
     return 0 if tests["rc"] in (0, 5) else 1  # 5: no test collected
+
+
+def _peak_bytes(torch, call: Callable[[], object], params: list) -> int | None:
+    """Memory one call allocates beyond what was held before it (CUDA only)."""
+    if not torch.cuda.is_available() or not params or params[0].device.type != "cuda":
+        return None
+    for t in params:
+        t.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -268,7 +301,13 @@ def _summary(rows: list[dict]) -> dict:
         for r in rows
         if r.get("provider") == "cudnn" and "ms" in r
     }
+    base_peak = {
+        (r["shape_name"], r["dtype"], r["format"]): r["peak_extra_bytes"]
+        for r in rows
+        if r.get("provider") == "cudnn" and r.get("peak_extra_bytes")
+    }
     ratios: dict[str, list[float]] = {}
+    peaks: dict[str, list[float]] = {}
     fused: dict[tuple, dict] = {}
     for r in rows:
         if "ms" not in r:
@@ -276,6 +315,9 @@ def _summary(rows: list[dict]) -> dict:
         key = (r["shape_name"], r["dtype"], r["format"], r["mode"])
         if r["provider"] not in ("cudnn",) and key in base:
             ratios.setdefault(f"{r['provider']}/{r['mode']}", []).append(r["ms"] / base[key])
+        peak_key = key[:3]
+        if r["provider"] != "cudnn" and r.get("peak_extra_bytes") and peak_key in base_peak:
+            peaks.setdefault(r["provider"], []).append(r["peak_extra_bytes"] / base_peak[peak_key])
         if r["mode"] == "affine_grads":
             fused.setdefault(key, {})[r["provider"]] = r["ms"]
     speedups = [
@@ -286,6 +328,7 @@ def _summary(rows: list[dict]) -> dict:
     return {
         "time_vs_cudnn_median": {k: statistics.median(v) for k, v in sorted(ratios.items())},
         "time_vs_cudnn_max": {k: max(v) for k, v in sorted(ratios.items())},
+        "peak_memory_vs_cudnn_median": {k: statistics.median(v) for k, v in sorted(peaks.items())},
         "affine_grads_fused_speedup_median": statistics.median(speedups) if speedups else None,
         "best_roofline": max((r.get("roofline", 0.0) for r in rows), default=0.0),
     }
