@@ -162,6 +162,49 @@ def test_consecutive_groups_match_functional():
             assert ops._group_count(n, g) == ref.count
 
 
+@pytest.mark.parametrize("n, ghost", [(1, 0), (6, 0), (7, 3), (8, 2)])
+def test_closed_form_statistics_backward_matches_autograd(n, ghost):
+    g = torch.Generator().manual_seed(n)
+    m, w = torch.randn(n, 4, generator=g), torch.rand(n, 4, generator=g)
+    d_mean, d_var = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+    groups = ops._consecutive_groups(n, ghost, torch.device("cpu"))
+
+    def statistics(m_, w_):
+        mean_, var_ = SF.batch_statistics(m_, w_, groups)
+        return groups.per_sample(mean_), groups.per_sample(var_)
+
+    _, vjp = torch.func.vjp(statistics, m, w)
+    mean, _ = SF.batch_statistics(m, w, groups)
+    ours = ops._batch_statistics_backward(m, groups, mean, d_mean, d_var)
+    torch.testing.assert_close(ours, vjp((d_mean, d_var)))
+
+
+def test_eager_twin_matches_the_custom_op(op_backend):
+    """The eager autograd Function and the dispatched op give the same outputs and gradients."""
+    x, weight, bias, _, dy = _inputs((7, 3, 2, 3))
+    args = (None, None, 1e-5, 3, True, 2.0, 3.0, False)
+    results = []
+    for train in (ops._BatchNormTrain.apply, torch.ops.safenorm.batch_norm_train):
+        xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        y, mean, var, _, _ = train(xi, wi, bi, *args)
+        y.backward(dy)
+        results.append((y, mean, var, xi.grad, wi.grad, bi.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_group_cache_is_not_filled_under_inference_mode(monkeypatch):
+    """A training-mode call under inference mode must not leave tensors autograd cannot save."""
+    monkeypatch.setattr(ops, "_dispatch", lambda x: True)
+    ops._cached_groups.cache_clear()
+    x, weight, bias, running, dy = _inputs((5, 3, 2, 2))
+    with torch.inference_mode():
+        ops.ghost_batch_norm(x, None, None, weight, bias, True, ghost_batch_size=2)
+    assert ops._cached_groups.cache_info().currsize == 0
+    out = _run(ops.ghost_batch_norm, x, weight, bias, running, dy, ghost_batch_size=2)
+    ref = _run(SF.ghost_batch_norm, x, weight, bias, running, dy, ghost_batch_size=2)
+    _assert_same(out, ref, torch.float32)
+
+
 @pytest.mark.parametrize("per_sample_stats", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_per_sample_affine_grads(op_backend, per_sample_stats, channels_last):

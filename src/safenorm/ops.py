@@ -2,8 +2,10 @@
 
 The functions here have the signatures of their namesakes in :mod:`safenorm.functional`
 (:func:`ghost_batch_norm`, :func:`clipped_batch_norm`, :func:`dp_batch_norm`,
-:func:`dp_release`, :func:`frozen_normalize`) and compute the same thing; with the Triton
-backend they run as ``torch.library`` custom ops (``torch.ops.safenorm.*``):
+:func:`dp_release`, :func:`frozen_normalize`) and compute the same thing. Under
+``torch.compile`` they run as ``torch.library`` custom ops (``torch.ops.safenorm.*``); eager
+code runs the same implementations through plain ``torch.autograd.Function`` twins, because a
+custom op's Python dispatch costs more CPU time per call than the kernels take on a GPU:
 
 * stage 1, per-(sample, channel) moments: ``safenorm::moments`` (``kernels/moments.py``);
 * stage 2, the tiny per-channel combine (ghost groups, clipping, noise, running update): plain
@@ -31,8 +33,9 @@ Multi-process statistics (``all_reduce``) always take the :mod:`safenorm.functio
 
 The backward of statistics that depend on the batch is two passes over ``(x, dy)``: the first
 gives the per-sample sums ``sum_s dy * xhat`` and ``sum_s dy`` (the per-sample affine
-gradients), the tiny stage-2 backward runs by ``torch.func.vjp`` through the very functions of
-:mod:`safenorm.functional` that made the statistics, and the second writes ``dx``. With frozen
+gradients), the tiny stage-2 backward runs in closed form (ghost BN) or by ``torch.func.vjp``
+through the very functions of :mod:`safenorm.functional` that made the statistics (clipped), and
+the second writes ``dx``. With frozen
 statistics one pass does both.
 """
 
@@ -42,7 +45,8 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -186,6 +190,18 @@ def _consecutive_groups(n: int, ghost_batch_size: int, device: torch.device) -> 
     return SF.Groups(index=torch.arange(n, device=device) // g, size=size)
 
 
+_cached_groups = functools.lru_cache(maxsize=64)(_consecutive_groups)
+
+
+def _eager_groups(n: int, ghost_batch_size: int, device: torch.device) -> SF.Groups:
+    """:func:`_consecutive_groups` for eager code, which reuses the (read-only) tensors of a
+    batch size: building them is five small kernel launches, three times per step otherwise.
+    Not under inference mode, whose tensors autograd could not save later."""
+    if torch.is_inference_mode_enabled() or not isinstance(n, int):
+        return _consecutive_groups(n, ghost_batch_size, device)
+    return _cached_groups(n, ghost_batch_size, torch.device(device))
+
+
 def _group_statistics(
     m: Tensor,
     w: Tensor,
@@ -232,6 +248,103 @@ def _normalize_impl(
 
 
 # ----------------------------------------------------------------------------------------------
+# Implementations: plain functions run by the custom ops (compiled code) and by the eager
+# autograd Functions below. Eager code calls them directly because a custom op's Python dispatch
+# costs tens of microseconds per call, which on a GPU is more than the kernels take.
+# ----------------------------------------------------------------------------------------------
+
+
+def _moments_impl(x: Tensor) -> tuple[Tensor, Tensor]:
+    if _use_kernels(x):
+        return _kernel_modules()[0].moments_forward(x)
+    m, w = SF.per_sample_moments(x)
+    if x.dim() == 2 or m.numel() == 0:  # outputs must not alias x or each other
+        m, w = m.clone(), w.clone()
+    return m, w
+
+
+def _affine_grad_sums_reference(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    dtype = _stat_dtype(x)
+    dy = grad_output.to(dtype)
+    xhat = (x.to(dtype) - _view(mean.to(dtype), x)) * _view(rstd.to(dtype), x)
+    sdy = _spatial_sum(dy)
+    return _spatial_sum(dy * xhat), (sdy.clone() if sdy is grad_output else sdy)
+
+
+def _affine_grad_sums_impl(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    if _use_kernels(x) and _kernel_dtype(grad_output):
+        _, sdyx, sdy = _kernel_modules()[1].normalize_backward(grad_output, x, mean, rstd, None)
+        return sdyx, sdy
+    return _affine_grad_sums_reference(grad_output, x, mean, rstd)
+
+
+def _normalize_backward_impl(
+    grad_output: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    coef: Tensor | None,
+    center: Tensor | None,
+    offset: Tensor | None,
+) -> Tensor:
+    if _use_kernels(x) and _kernel_dtype(grad_output):
+        dx, _, _ = _kernel_modules()[1].normalize_backward(
+            grad_output, x, None, None, scale, coef, center, offset
+        )
+        return dx
+    dtype = _stat_dtype(x)
+    dx = grad_output.to(dtype) * _view(scale.to(dtype), x)
+    if coef is not None and center is not None and offset is not None:
+        dx = dx + _view(coef.to(dtype), x) * (x.to(dtype) - _view(center.to(dtype), x))
+        dx = dx + _view(offset.to(dtype), x)
+    return dx.to(x.dtype)
+
+
+def _frozen_normalize_backward_impl(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _use_kernels(x) and _kernel_dtype(grad_output):
+        return _kernel_modules()[1].normalize_backward(grad_output, x, mean, rstd, scale)
+    dx = _normalize_backward_impl(grad_output, x, scale, None, None, None)
+    sdyx, sdy = _affine_grad_sums_impl(grad_output, x, mean, rstd)
+    return dx, sdyx, sdy
+
+
+def _batch_norm_train_impl(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    center: Tensor | None,
+    scale: Tensor | None,
+    eps: float,
+    ghost_batch_size: int,
+    clipped: bool,
+    clip_norm: float,
+    var_clip_norm: float,
+    detach_statistics: bool,
+    *,
+    make_groups: Callable[[int, int, torch.device], SF.Groups] = _consecutive_groups,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    m, w = _moments_impl(x)
+    groups = make_groups(x.shape[0], ghost_batch_size, x.device)
+    mean, var = _group_statistics(m, w, groups, clipped, clip_norm, var_clip_norm, center, scale)
+    mean_x, var_x = groups.normalization_statistics(mean, var)
+    y = _normalize_impl(x, mean_x, var_x, weight, bias, eps)
+    return y, mean, var, m, w
+
+
+def _normalize_op_impl(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    if _use_kernels(x):
+        return _normalize_impl(x, mean, var, weight, bias, eps)
+    return SF.frozen_normalize(x, mean, var, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------
 # Ops: stage 1
 # ----------------------------------------------------------------------------------------------
 
@@ -239,12 +352,7 @@ def _normalize_impl(
 @torch.library.custom_op("safenorm::moments", mutates_args=())
 def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample moments ``(m, w)`` of :func:`safenorm.functional.per_sample_moments`."""
-    if _use_kernels(x):
-        return _kernel_modules()[0].moments_forward(x)
-    m, w = SF.per_sample_moments(x)
-    if x.dim() == 2 or m.numel() == 0:  # outputs must not alias x or each other
-        m, w = m.clone(), w.clone()
-    return m, w
+    return _moments_impl(x)
 
 
 @_moments.register_fake
@@ -258,25 +366,12 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _affine_grad_sums_reference(
-    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor]:
-    dtype = _stat_dtype(x)
-    dy = grad_output.to(dtype)
-    xhat = (x.to(dtype) - _view(mean.to(dtype), x)) * _view(rstd.to(dtype), x)
-    sdy = _spatial_sum(dy)
-    return _spatial_sum(dy * xhat), (sdy.clone() if sdy is grad_output else sdy)
-
-
 @torch.library.custom_op("safenorm::affine_grad_sums", mutates_args=())
 def _affine_grad_sums(
     grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(sum_s dy * (x - mean) * rstd, sum_s dy)`` per (sample, channel), each ``(N, C)``."""
-    if _use_kernels(x) and _kernel_dtype(grad_output):
-        _, sdyx, sdy = _kernel_modules()[1].normalize_backward(grad_output, x, mean, rstd, None)
-        return sdyx, sdy
-    return _affine_grad_sums_reference(grad_output, x, mean, rstd)
+    return _affine_grad_sums_impl(grad_output, x, mean, rstd)
 
 
 @_affine_grad_sums.register_fake
@@ -295,17 +390,7 @@ def _normalize_backward(
     offset: Tensor | None,
 ) -> Tensor:
     """``dx = dy * scale [+ coef * (x - center) + offset]`` (per-channel or per-sample values)."""
-    if _use_kernels(x) and _kernel_dtype(grad_output):
-        dx, _, _ = _kernel_modules()[1].normalize_backward(
-            grad_output, x, None, None, scale, coef, center, offset
-        )
-        return dx
-    dtype = _stat_dtype(x)
-    dx = grad_output.to(dtype) * _view(scale.to(dtype), x)
-    if coef is not None and center is not None and offset is not None:
-        dx = dx + _view(coef.to(dtype), x) * (x.to(dtype) - _view(center.to(dtype), x))
-        dx = dx + _view(offset.to(dtype), x)
-    return dx.to(x.dtype)
+    return _normalize_backward_impl(grad_output, x, scale, coef, center, offset)
 
 
 @_normalize_backward.register_fake
@@ -318,11 +403,7 @@ def _frozen_normalize_backward(
     grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One pass: ``dx = dy * scale`` and the per-sample affine sums of :func:`_affine_grad_sums`."""
-    if _use_kernels(x) and _kernel_dtype(grad_output):
-        return _kernel_modules()[1].normalize_backward(grad_output, x, mean, rstd, scale)
-    dx = _normalize_backward(grad_output, x, scale, None, None, None)
-    sdyx, sdy = _affine_grad_sums(grad_output, x, mean, rstd)
-    return dx, sdyx, sdy
+    return _frozen_normalize_backward_impl(grad_output, x, mean, rstd, scale)
 
 
 @_frozen_normalize_backward.register_fake
@@ -330,6 +411,27 @@ def _(grad_output, x, mean, rstd, scale):
     shape = (x.shape[0], x.shape[1])
     stat = x.new_empty(shape, dtype=_stat_dtype(x))
     return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+@dataclass(frozen=True)
+class _BackwardOps:
+    """The backward's building blocks: the custom ops (compiled code) or their plain impls."""
+
+    affine_grad_sums: Callable[..., tuple[Tensor, Tensor]]
+    normalize_backward: Callable[..., Tensor]
+    frozen_normalize_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    groups: Callable[[int, int, torch.device], SF.Groups]
+
+
+_OP_BLOCKS = _BackwardOps(
+    _affine_grad_sums, _normalize_backward, _frozen_normalize_backward, _consecutive_groups
+)
+_EAGER_BLOCKS = _BackwardOps(
+    _affine_grad_sums_impl,
+    _normalize_backward_impl,
+    _frozen_normalize_backward_impl,
+    _eager_groups,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,12 +459,19 @@ def _batch_norm_train(
     (``clipped`` only). ``mean``/``var`` (for the running update) and ``m``/``w`` (kept for the
     backward) are not differentiable outputs.
     """
-    m, w = _moments(x)
-    groups = _consecutive_groups(x.shape[0], ghost_batch_size, x.device)
-    mean, var = _group_statistics(m, w, groups, clipped, clip_norm, var_clip_norm, center, scale)
-    mean_x, var_x = groups.normalization_statistics(mean, var)
-    y = _normalize_impl(x, mean_x, var_x, weight, bias, eps)
-    return y, mean, var, m, w
+    return _batch_norm_train_impl(
+        x,
+        weight,
+        bias,
+        center,
+        scale,
+        eps,
+        ghost_batch_size,
+        clipped,
+        clip_norm,
+        var_clip_norm,
+        detach_statistics,
+    )
 
 
 @_batch_norm_train.register_fake
@@ -382,39 +491,57 @@ def _batch_norm_train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.mark_non_differentiable(mean, var, m, w)
 
 
-def _batch_norm_train_backward(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
+def _batch_statistics_backward(
+    m: Tensor, groups: SF.Groups, mean: Tensor, d_mean: Tensor, d_var: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Vector-Jacobian product of :func:`SF.batch_statistics` broadcast back to the samples.
+
+    With ``mean_g = sum_g m_n / n_g`` and ``var_g = sum_g (w_n + (m_n - mean_g)^2) / n_g``:
+    ``dm_n = D_mean_g / n_g + 2 (m_n - mean_g) D_var_g / n_g`` and ``dw_n = D_var_g / n_g``,
+    ``D_*_g`` the group sums of the per-sample gradients (the ``mean_g`` term of ``d var_g / d
+    m_n`` vanishes since the deviations sum to zero). Closed form: no ``torch.func`` overhead.
+    """
+    size = groups.size.to(m.dtype).unsqueeze(1)
+    g_mean = groups.per_sample(groups.sum(d_mean) / size)
+    g_var = groups.per_sample(groups.sum(d_var) / size)
+    return g_mean + 2.0 * g_var * (m - groups.per_sample(mean)), g_var
+
+
+def _batch_norm_train_grads(blocks: _BackwardOps, ctx: Any, dy: Tensor) -> tuple:
     x, weight, center, scale, mean, var, m, w = ctx.saved_tensors
     eps, ghost, clipped, clip_norm, var_clip_norm, detach = ctx.args
-    n, count = x.shape[0], mean.shape[0]
-    g = max(1, n if ghost <= 0 or ghost >= n else ghost)
-    index = torch.arange(n, device=x.device) // g
-    size = torch.clamp(n - torch.arange(count, device=x.device) * g, max=g).to(torch.float32)
-    groups = SF.Groups(index=index, size=size)
+    groups = blocks.groups(x.shape[0], ghost, x.device)
     mean_x, var_x = groups.normalization_statistics(mean, var)
     rstd, gain, _ = _affine_coefficients(mean_x, var_x, weight, None, eps)
     dx = dweight = dbias = None
     if detach:
-        dx, sdyx, sdy = _frozen_normalize_backward(dy, x, mean_x, rstd, gain)
+        dx, sdyx, sdy = blocks.frozen_normalize_backward(dy, x, mean_x, rstd, gain)
     else:
-        sdyx, sdy = _affine_grad_sums(dy, x, mean_x, rstd)
-        # Stage-2 backward through the same functions that made the statistics.
-        d_mean = -(gain * sdy)
-        d_var = -0.5 * (gain * rstd) * sdyx
+        sdyx, sdy = blocks.affine_grad_sums(dy, x, mean_x, rstd)
+        d_mean = (-(gain * sdy)).to(m.dtype)
+        d_var = (-0.5 * (gain * rstd) * sdyx).to(m.dtype)
+        if clipped:  # stage-2 backward through the same functions that made the statistics
 
-        def statistics(m_: Tensor, w_: Tensor) -> tuple[Tensor, Tensor]:
-            mean_, var_ = _group_statistics(
-                m_, w_, groups, clipped, clip_norm, var_clip_norm, center, scale
-            )
-            return groups.per_sample(mean_), groups.per_sample(var_)
+            def statistics(m_: Tensor, w_: Tensor) -> tuple[Tensor, Tensor]:
+                mean_, var_ = _group_statistics(
+                    m_, w_, groups, clipped, clip_norm, var_clip_norm, center, scale
+                )
+                return groups.per_sample(mean_), groups.per_sample(var_)
 
-        _, vjp = torch.func.vjp(statistics, m, w)
-        dm, dw = vjp((d_mean.to(m.dtype), d_var.to(m.dtype)))
+            _, vjp = torch.func.vjp(statistics, m, w)
+            dm, dw = vjp((d_mean, d_var))
+        else:
+            dm, dw = _batch_statistics_backward(m, groups, mean, d_mean, d_var)
         spatial = math.prod(x.shape[2:])
-        dx = _normalize_backward(dy, x, gain, 2.0 * dw / spatial, m, dm / spatial)
+        dx = blocks.normalize_backward(dy, x, gain, 2.0 * dw / spatial, m, dm / spatial)
     if weight is not None:
         dweight = sdyx.sum(0).to(weight.dtype)
         dbias = sdy.sum(0).to(weight.dtype)
     return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _batch_norm_train_backward(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
+    return _batch_norm_train_grads(_OP_BLOCKS, ctx, dy)
 
 
 torch.library.register_autograd(
@@ -422,6 +549,20 @@ torch.library.register_autograd(
     _batch_norm_train_backward,
     setup_context=_batch_norm_train_setup,
 )
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Eager twin of ``safenorm::batch_norm_train``: the same impl and backward, no dispatch."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        output = _batch_norm_train_impl(*inputs, make_groups=_eager_groups)
+        _batch_norm_train_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
+        return _batch_norm_train_grads(_EAGER_BLOCKS, ctx, dy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,9 +575,7 @@ def _normalize(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """:func:`safenorm.functional.frozen_normalize`: no gradient into ``mean``/``var``."""
-    if _use_kernels(x):
-        return _normalize_impl(x, mean, var, weight, bias, eps)
-    return SF.frozen_normalize(x, mean, var, weight, bias, eps)
+    return _normalize_op_impl(x, mean, var, weight, bias, eps)
 
 
 @_normalize.register_fake
@@ -451,26 +590,44 @@ def _normalize_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.has_bias = bias is not None
 
 
-def _normalize_backward_formula(ctx: Any, dy: Tensor) -> tuple:
+def _normalize_grads(blocks: _BackwardOps, ctx: Any, dy: Tensor) -> tuple:
     x, mean, var, weight = ctx.saved_tensors
     rstd, gain, _ = _affine_coefficients(
         mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), weight, None, ctx.eps
     )
     dweight = dbias = None
     if weight is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-        dx, sdyx, sdy = _frozen_normalize_backward(dy, x, mean, rstd, gain)
+        dx, sdyx, sdy = blocks.frozen_normalize_backward(dy, x, mean, rstd, gain)
         dweight = sdyx.sum(0).to(weight.dtype)
         dbias = sdy.sum(0).to(weight.dtype) if ctx.has_bias else None
     else:
-        dx = _normalize_backward(dy, x, gain, None, None, None)
+        dx = blocks.normalize_backward(dy, x, gain, None, None, None)
         if ctx.has_bias:
             dbias = _spatial_sum(dy.to(_stat_dtype(x))).sum(0)
     return dx, None, None, dweight, dbias, None
 
 
+def _normalize_backward_formula(ctx: Any, dy: Tensor) -> tuple:
+    return _normalize_grads(_OP_BLOCKS, ctx, dy)
+
+
 torch.library.register_autograd(
     "safenorm::normalize", _normalize_backward_formula, setup_context=_normalize_setup
 )
+
+
+class _Normalize(torch.autograd.Function):
+    """Eager twin of ``safenorm::normalize``: the same impl and backward, no dispatch."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        output = _normalize_op_impl(*inputs)
+        _normalize_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        return _normalize_grads(_EAGER_BLOCKS, ctx, dy)
 
 
 @torch.library.custom_op("safenorm::running_update", mutates_args=("running_mean", "running_var"))
@@ -490,6 +647,14 @@ def _running_update(
 @_running_update.register_fake
 def _(running_mean, running_var, mean, var, group_size, spatial, momentum):
     return None
+
+
+def _update_running(*args: Any) -> None:
+    """The running update: the op when compiling, else the function itself."""
+    if torch.compiler.is_compiling():
+        _running_update(*args)
+    else:
+        SF.pooled_running_update(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,7 +681,9 @@ def _batch_norm_train_layer(
     center = None if reference.center is None else reference.center.detach()
     scale = None if reference.scale is None else reference.scale.detach()
     ghost = 0 if ghost_batch_size is None else int(ghost_batch_size)
-    y, mean, var, _, _ = _batch_norm_train(
+    compiling = torch.compiler.is_compiling()
+    train = _batch_norm_train if compiling else _BatchNormTrain.apply
+    y, mean, var, _, _ = train(
         input,
         weight,
         bias,
@@ -530,8 +697,10 @@ def _batch_norm_train_layer(
         detach_statistics,
     )
     if running_mean is not None and running_var is not None:
-        groups = _consecutive_groups(input.shape[0], ghost, input.device)
-        _running_update(
+        groups = (_consecutive_groups if compiling else _eager_groups)(
+            input.shape[0], ghost, input.device
+        )
+        _update_running(
             running_mean,
             running_var,
             mean,
@@ -728,11 +897,12 @@ def dp_release(
             add_noise=add_noise,
         )
     reference = reference or SF.ClipReference()
+    compiling = torch.compiler.is_compiling()
     with torch.no_grad():
-        m, w = _moments(input.detach())
-        if generator is None:
-            # One op (opaque to torch.compile): the noise comes from torch's global generator
-            # at run time, in eager and compiled code alike.
+        m, w = (_moments if compiling else _moments_impl)(input.detach())
+        if generator is None and compiling:
+            # One op (opaque to torch.compile): compiled code then draws the noise from torch's
+            # global generator at run time, as the eager branch below does.
             mean, var, index, size = _dp_statistics(
                 m,
                 w,
@@ -764,7 +934,7 @@ def dp_release(
                 add_noise=add_noise,
             )
     if running_mean is not None and running_var is not None:
-        _running_update(
+        _update_running(
             running_mean,
             running_var,
             stats.mean,
@@ -787,7 +957,8 @@ def frozen_normalize(
     """:func:`safenorm.functional.frozen_normalize`, dispatched (see the module docstring)."""
     if not _dispatch(x):
         return SF.frozen_normalize(x, mean, var, weight, bias, eps)
-    return _normalize(x, mean.detach(), var.detach(), weight, bias, float(eps))
+    normalize = _normalize if torch.compiler.is_compiling() else _Normalize.apply
+    return normalize(x, mean.detach(), var.detach(), weight, bias, float(eps))
 
 
 def dp_batch_norm(
@@ -865,4 +1036,6 @@ def per_sample_affine_grads(
     rstd = torch.rsqrt(var.detach().to(dtype) + eps)
     if not _dispatch(input):
         return _affine_grad_sums_reference(grad_output, input, mean, rstd)
-    return _affine_grad_sums(grad_output, input, mean, rstd)
+    if torch.compiler.is_compiling():
+        return _affine_grad_sums(grad_output, input, mean, rstd)
+    return _affine_grad_sums_impl(grad_output, input, mean, rstd)
