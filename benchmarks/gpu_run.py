@@ -47,7 +47,12 @@ DRY_SHAPES = [("tiny", 3, 5, 3, 3), ("tiny_cl", 4, 3, 2, 5)]
 # torch.compile of the reference recompiles per shape and dtype: only these shapes.
 COMPILE_SHAPES = {"resnet50_s1", "tiny"}
 # The kernel and op tests: on a CUDA machine their DEVICE is "cuda", so they run compiled kernels.
-KERNEL_TESTS = ["tests/test_kernels_interpret.py", "tests/test_ops.py", "tests/test_ops_compile.py"]
+KERNEL_TESTS = [
+    "tests/test_kernels_interpret.py",
+    "tests/test_ops.py",
+    "tests/test_ops_compile.py",
+    "tests/test_modules_gpu.py",
+]
 
 
 def _parse() -> argparse.Namespace:

@@ -3,6 +3,7 @@ errors that name the layer, and the edge cases users hit."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
@@ -141,6 +142,26 @@ def test_non_finite_input_raises_and_keeps_the_buffers(family):
         layer(x)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deferred_finite_check_restores_now_and_raises_at_the_next_forward(family, monkeypatch):
+    """The CUDA guard (forced here on CPU): no host sync, buffers kept, error one forward late."""
+    monkeypatch.setattr(safenorm.SafeBatchNormBase, "_defers_check", lambda self, x: True)
+    layer = getattr(safenorm, f"{family}2d")(3, **_public(family))
+    layer(torch.randn(4, 3, 2, 2))
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 2, 0, 0] = float("nan")
+    layer(x)  # no error yet: raising would need the host to wait for the device
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    clone = copy.deepcopy(layer)  # a check in flight is not copied
+    with pytest.raises(ValueError, match=f"{family}2d: batch statistics of the previous"):
+        layer(torch.randn(4, 3, 2, 2))
+    clone(torch.randn(4, 3, 2, 2))
+    layer(torch.randn(4, 3, 2, 2))  # reported once; the layer trains on
+    assert torch.isfinite(layer.running_mean).all()
 
 
 def _public(family: str) -> dict:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import safenorm
+from safenorm import functional as SF
 
 INF = math.inf
 
@@ -184,3 +185,15 @@ def test_per_sample_moments_values_and_gradient(shape, channels_last):
     torch.autograd.gradcheck(
         lambda t: safenorm.functional.per_sample_moments(t), (x,), check_batched_grad=False
     )
+
+
+@pytest.mark.parametrize("size, spatial", [(5.0, 4), (1.0, 1), (0.5, 1), (7.0, 1)])
+def test_running_update_with_a_host_size_matches_the_tensor_form(size, spatial):
+    """One group whose size the host knows (the fast path) updates exactly as the general form."""
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(1, 6, generator=g), torch.rand(1, 6, generator=g) + 0.1
+    buffers = [(torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5) for _ in range(2)]
+    buffers[1] = (buffers[0][0].clone(), buffers[0][1].clone())
+    SF.pooled_running_update(*buffers[0], mean, var, torch.tensor([size]), spatial, 0.1)
+    SF.pooled_running_update(*buffers[1], mean, var, size, spatial, 0.1)
+    torch.testing.assert_close(buffers[1], buffers[0])

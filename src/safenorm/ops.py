@@ -649,12 +649,23 @@ def _(running_mean, running_var, mean, var, group_size, spatial, momentum):
     return None
 
 
-def _update_running(*args: Any) -> None:
-    """The running update: the op when compiling, else the function itself."""
+def _update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    groups: SF.Groups,
+    single_group_size: float,
+    spatial: int,
+    momentum: float,
+) -> None:
+    """The running update: the op when compiling, else the function itself, which for a single
+    group takes its size (``single_group_size``, known on the host) as a number."""
     if torch.compiler.is_compiling():
-        _running_update(*args)
-    else:
-        SF.pooled_running_update(*args)
+        _running_update(running_mean, running_var, mean, var, groups.size, spatial, momentum)
+        return
+    size = single_group_size if groups.count == 1 else groups.size
+    SF.pooled_running_update(running_mean, running_var, mean, var, size, spatial, momentum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,7 +716,8 @@ def _batch_norm_train_layer(
             running_var,
             mean,
             var,
-            groups.size,
+            groups,
+            float(input.shape[0]),
             math.prod(input.shape[2:]),
             float(momentum),
         )
@@ -939,7 +951,8 @@ def dp_release(
             running_var,
             stats.mean,
             stats.var,
-            stats.groups.size,
+            stats.groups,
+            float(denominator),
             math.prod(input.shape[2:]),
             float(momentum),
         )

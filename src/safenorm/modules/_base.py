@@ -33,8 +33,10 @@ class SafeBatchNormBase(nn.Module):
     _version = 2
     _input_ranks: ClassVar[tuple[int, ...]] = (2, 3, 4, 5)
     _variant_args: ClassVar[tuple[str, ...]] = ()
-    #: Verify after each training forward that the running statistics are finite (one host sync);
-    #: on failure they are restored and a ValueError names the layer.
+    #: Verify after each training forward that the running statistics are finite; on failure
+    #: they are restored and a ValueError names the layer. On CPU the check is immediate; on CUDA
+    #: the buffers are restored on the device and the error raised at the layer's next forward,
+    #: so the check never makes the host wait for the GPU.
     check_statistics: ClassVar[bool] = True
 
     num_features: int
@@ -67,6 +69,7 @@ class SafeBatchNormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.layer_name: str | None = None
+        self._pending_check: _DeferredCheck | None = None
         if affine:
             self.weight = Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -216,6 +219,7 @@ class SafeBatchNormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
+        self._raise_if_earlier_statistics_failed()
         if not self._uses_batch_statistics():
             return F.batch_norm(
                 input,
@@ -235,17 +239,33 @@ class SafeBatchNormBase(nn.Module):
         buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         before = [b.clone() for b in buffers]
         output = self._batch_forward(input)
-        if not bool(
-            torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
-        ):
+        finite = torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
+        if self._defers_check(input):
+            for buffer, saved in zip(buffers, before, strict=True):
+                buffer.copy_(torch.where(finite, buffer, saved))
+            self._pending_check = _DeferredCheck(finite)
+            return output
+        if not bool(finite):
             for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(saved)
-            raise ValueError(
-                f"{self._describe()}: batch statistics are NaN or infinite; the input (or an "
-                "earlier layer) produced non-finite values. Check the data, the learning rate and "
-                "the layers before this one; the running statistics were left unchanged"
-            )
+            raise ValueError(self._nonfinite_message("are"))
         return output
+
+    def _defers_check(self, input: Tensor) -> bool:
+        """Check the statistics one forward late (CUDA: a host sync would stall the GPU)."""
+        return input.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+    def _raise_if_earlier_statistics_failed(self) -> None:
+        pending, self._pending_check = getattr(self, "_pending_check", None), None
+        if pending is not None and pending.failed():
+            raise ValueError(self._nonfinite_message("of the previous training step were"))
+
+    def _nonfinite_message(self, which: str) -> str:
+        return (
+            f"{self._describe()}: batch statistics {which} NaN or infinite; the input (or an "
+            "earlier layer) produced non-finite values. Check the data, the learning rate and "
+            "the layers before this one; the running statistics were left unchanged"
+        )
 
     def _batch_forward(self, input: Tensor) -> Tensor:
         raise NotImplementedError
@@ -308,3 +328,30 @@ def resolve_bound(value: float | None, default_per_channel: float, num_features:
     if not value > 0:
         raise ValueError(f"clip bounds must be positive (math.inf disables clipping), got {value}")
     return float(value)
+
+
+class _DeferredCheck:
+    """A finiteness flag on its way to the host, read (without stalling) one forward later."""
+
+    def __init__(self, finite: Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if finite.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(finite, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = finite.clone()
+
+    def failed(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()  # recorded a forward ago: normally long complete
+        return not bool(self._host)
+
+    def __reduce__(self) -> tuple:
+        # Copies and pickles of a layer drop a check in flight (CUDA events do not pickle).
+        return (_no_check, ())
+
+
+def _no_check() -> None:
+    return None

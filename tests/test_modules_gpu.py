@@ -1,0 +1,64 @@
+"""The layers on a CUDA device (the Triton path) against the same layers on CPU (the reference).
+
+Run by ``benchmarks/gpu_run.sh`` on the GPU machine; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import safenorm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+FAMILIES = {
+    "ghost": lambda c: safenorm.GhostBatchNorm2d(c, ghost_batch_size=3),
+    "clipped": lambda c: safenorm.ClippedBatchNorm2d(c, clip_norm=3.0, var_clip_norm=6.0),
+    "dp": lambda c: safenorm.DPBatchNorm2d(c, expected_batch_size=8, noise_multiplier=0.0),
+}
+
+
+def _step(layer, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    return y.float(), x.grad.float(), layer.weight.grad, layer.running_mean, layer.running_var
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_layer_matches_cpu(family, dtype, channels_last):
+    torch.manual_seed(0)
+    cpu = FAMILIES[family](16)
+    if family == "dp":
+        cpu.register_release_hook(lambda *_: None)
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(8, 16, 6, 5) * 3 + 1
+    dy = torch.randn_like(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref = _step(cpu, x.to(dtype).float(), dy.to(dtype).float())
+    out = _step(gpu, x.cuda().to(dtype).to(memory_format=fmt), dy.cuda().to(dtype))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(("y", "dx", "dweight", "mean", "var"), out, ref, strict=True):
+        torch.testing.assert_close(
+            a.cpu(), b, atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_cuda_finite_check_is_deferred_and_restores_the_buffers():
+    layer = safenorm.GhostBatchNorm2d(4).cuda()
+    layer(torch.randn(4, 4, 3, 3, device="cuda"))
+    saved = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(4, 4, 3, 3, device="cuda")
+    x[0, 1, 0, 0] = float("nan")
+    layer(x)
+    torch.testing.assert_close((layer.running_mean, layer.running_var), saved)
+    with pytest.raises(ValueError, match="GhostBatchNorm2d: batch statistics of the previous"):
+        layer(torch.randn(4, 4, 3, 3, device="cuda"))
