@@ -51,6 +51,7 @@ KERNEL_TESTS = [
     "tests/test_kernels_interpret.py",
     "tests/test_ops.py",
     "tests/test_ops_compile.py",
+    "tests/test_kernels_batch_norm.py",
     "tests/test_modules_gpu.py",
 ]
 

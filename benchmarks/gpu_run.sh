@@ -19,8 +19,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . \
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    timeout 330 python3 benchmarks/gpu_run.py --budget-s 150 --tests-timeout-s 120 "$@"
+    timeout 330 python3 benchmarks/gpu_run.py --budget-s 120 --tests-timeout-s 170 "$@"
     status=$?
-    timeout 90 python3 benchmarks/bench_dp_sgd.py --device cuda --batch 256 --steps 20 --out "$OUT"
+    timeout 60 python3 benchmarks/bench_dp_sgd.py --device cuda --batch 256 --steps 20 --out "$OUT"
     exit $status
 } 2>&1 | tee "$OUT/gpu_run.log"

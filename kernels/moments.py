@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._tiling import as_3d, tiling
 
-__all__ = ["moments_forward"]
+__all__ = ["moments_forward", "moments_partials"]
 
 
 @triton.jit
@@ -94,6 +94,26 @@ def moments_forward(x: Tensor, *, num_splits: int | None = None) -> tuple[Tensor
         # Nothing to read: empty rows, or NaN moments of empty rows (as torch.var_mean).
         mean = x.new_full((n, c), float("nan") if m_size == 0 else 0.0, dtype=torch.float32)
         return mean, mean.clone()
+    pivot, s1, s2 = moments_partials(x, num_splits=num_splits)
+    # Combine the splits (fixed order: deterministic) and undo the shift.
+    d = s1.sum(dim=2) / m_size
+    w = (s2.sum(dim=2) / m_size - d * d).clamp_min_(0.0)
+    return pivot + d, w
+
+
+def moments_partials(x: Tensor, *, num_splits: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The stage-1 launch alone: pivots and the per-split shifted sums, not yet combined.
+
+    Args:
+        x: ``(N, C, *S)`` as in :func:`moments_forward`, with ``N, C, prod(S) > 0``.
+        num_splits: force this many spatial splits (tests).
+
+    Returns:
+        ``(pivot, s1, s2)``: ``pivot`` ``(N, C)`` fp32, ``x[n, c]``'s first element; ``s1``,
+        ``s2`` ``(N, C, splits)`` fp32, the sums of ``x - pivot`` and ``(x - pivot)^2`` over
+        each split of the spatial axis.
+    """
+    n, c, m_size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     x, strides = as_3d(x)
     t = tiling(n, c, m_size, strides, x.device, num_splits)
     pivot = torch.empty((n, c), device=x.device, dtype=torch.float32)
@@ -114,7 +134,4 @@ def moments_forward(x: Tensor, *, num_splits: int | None = None) -> tuple[Tensor
         BLOCK_C=t.block_c,
         BLOCK_M=t.block_m,
     )
-    # Combine the splits (fixed order: deterministic) and undo the shift.
-    d = s1.sum(dim=2) / m_size
-    w = (s2.sum(dim=2) / m_size - d * d).clamp_min_(0.0)
-    return pivot + d, w
+    return pivot, s1, s2

@@ -90,9 +90,9 @@ def _normalize_backward_kernel(
     mean_ptr,  # (N or 1, C) fp32, centre of xhat (REDUCE)
     rstd_ptr,  # (N or 1, C) fp32, 1 / sqrt(var + eps) (REDUCE)
     scale_ptr,  # (N or 1, C) fp32, dx = dy * scale ... (WRITE_DX)
-    coef_ptr,  # (N, C) fp32, ... + coef * (x - center) + offset (STATS_TERM)
-    center_ptr,  # (N, C) fp32 (STATS_TERM)
-    offset_ptr,  # (N, C) fp32 (STATS_TERM)
+    coef_ptr,  # (N or 1, C) fp32, ... + coef * (x - center) + offset (STATS_TERM)
+    center_ptr,  # (N or 1, C) fp32 (STATS_TERM)
+    offset_ptr,  # (N or 1, C) fp32 (STATS_TERM)
     sdyx_ptr,  # (N, C, SPLITS) fp32 out: partial sum of dy * xhat (REDUCE)
     sdy_ptr,  # (N, C, SPLITS) fp32 out: partial sum of dy (REDUCE)
     C,
@@ -120,7 +120,8 @@ def _normalize_backward_kernel(
     Args:
         dy_ptr, x_ptr, dx_ptr: ``(N, C, M)`` views with their own strides.
         mean_ptr, rstd_ptr, scale_ptr: fp32 ``(N or 1, C)`` with row stride ``stat_stride_n``.
-        coef_ptr, center_ptr, offset_ptr: fp32 ``(N, C)`` contiguous (``STATS_TERM`` only).
+        coef_ptr, center_ptr, offset_ptr: fp32 ``(N or 1, C)``, the same row stride
+            (``STATS_TERM`` only).
         sdyx_ptr, sdy_ptr: fp32 ``(N, C, SPLITS)`` partial sums (``REDUCE`` only).
         C, M, SPLITS, M_PER_SPLIT: sizes and spatial split.
         REDUCE: accumulate the partial sums. WRITE_DX: write ``dx``. STATS_TERM: add the
@@ -142,9 +143,9 @@ def _normalize_backward_kernel(
     if WRITE_DX:
         scale = tl.load(scale_ptr + stat, mask=c_mask, other=0.0)
         if STATS_TERM:
-            coef = tl.load(coef_ptr + per_sample, mask=c_mask, other=0.0)
-            center = tl.load(center_ptr + per_sample, mask=c_mask, other=0.0)
-            offset = tl.load(offset_ptr + per_sample, mask=c_mask, other=0.0)
+            coef = tl.load(coef_ptr + stat, mask=c_mask, other=0.0)
+            center = tl.load(center_ptr + stat, mask=c_mask, other=0.0)
+            offset = tl.load(offset_ptr + stat, mask=c_mask, other=0.0)
     dy_row = dy_ptr + n.to(tl.int64) * dy_stride_n + c.to(tl.int64) * dy_stride_c
     x_row = x_ptr + n.to(tl.int64) * x_stride_n + c.to(tl.int64) * x_stride_c
     dx_row = dx_ptr + n.to(tl.int64) * dx_stride_n + c.to(tl.int64) * dx_stride_c
@@ -249,6 +250,7 @@ def normalize_backward(
     offset: Tensor | None = None,
     *,
     num_splits: int | None = None,
+    partials: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Backward of ``normalize_forward``: per-sample affine sums and/or the input gradient.
 
@@ -257,19 +259,22 @@ def normalize_backward(
     * if ``mean`` and ``rstd`` are given: ``sdyx[n, c] = sum_s dy * (x - mean) * rstd`` and
       ``sdy[n, c] = sum_s dy``;
     * if ``scale`` is given: ``dx = dy * scale [+ coef * (x - center) + offset]``, the bracket
-      when ``coef``, ``center`` and ``offset`` (all ``(N, C)``) are given.
+      when ``coef``, ``center`` and ``offset`` (each ``(C,)`` or ``(N, C)``) are given.
 
     Args:
         grad_output: ``(N, C, *S)`` ``dy``, float32/float16/bfloat16, any memory format.
         x: ``(N, C, *S)`` the forward input (same shape as ``grad_output``).
         mean, rstd: ``(C,)`` or ``(N, C)`` statistics of the forward, or ``None`` (no sums).
         scale: ``(C,)`` or ``(N, C)`` ``rstd * weight``, or ``None`` (no ``dx``).
-        coef, center, offset: ``(N, C)`` gradient through per-sample moments, or ``None``.
+        coef, center, offset: ``(C,)`` or ``(N, C)`` gradient through the statistics, or
+            ``None``.
         num_splits: force this many spatial splits (tests).
+        partials: return the sums unreduced, ``(N, C, splits)``, for a kernel that sums them.
 
     Returns:
         ``(dx, sdyx, sdy)``: ``dx`` in ``x``'s dtype and memory format (``None`` without
-        ``scale``); ``sdyx`` and ``sdy`` ``(N, C)`` fp32 (``None`` without ``mean``/``rstd``).
+        ``scale``); ``sdyx`` and ``sdy`` ``(N, C)`` fp32 (``None`` without ``mean``/``rstd``;
+        ``(N, C, splits)`` with ``partials``).
     """
     _check_input("normalize_backward", x)
     _check_input("normalize_backward", grad_output)
@@ -287,6 +292,8 @@ def normalize_backward(
     n, c, m_size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     stats = {"mean": mean, "rstd": rstd, "scale": scale}
+    if stats_term:
+        stats.update(coef=coef, center=center, offset=offset)
     stats = {k: _stat(v, n, c) for k, v in stats.items() if v is not None}
     # Per-channel statistics read with row stride 0; if any is per-sample, broadcast all.
     stat_stride = max(stride for _, stride in stats.values())
@@ -294,18 +301,16 @@ def normalize_backward(
         k: v if s == stat_stride else v.expand(n, c).contiguous() for k, (v, s) in stats.items()
     }
     mean, rstd, scale = stats.get("mean"), stats.get("rstd"), stats.get("scale")
-    if stats_term:
-        coef = _stat(coef, n, c)[0].expand(n, c).contiguous()
-        center = _stat(center, n, c)[0].expand(n, c).contiguous()
-        offset = _stat(offset, n, c)[0].expand(n, c).contiguous()
+    coef, center, offset = stats.get("coef"), stats.get("center"), stats.get("offset")
     x, x_strides = as_3d(x)
     grad_output, dy_strides = as_3d(grad_output)
     dx = torch.empty_like(x) if write_dx else None
     sdyx = sdy = None
     t = tiling(n, c, m_size, x_strides, x.device, num_splits)
-    if reduce:
-        sdyx = torch.zeros((n, c, t.splits), device=x.device, dtype=torch.float32)
-        sdy = torch.zeros_like(sdyx)
+    if reduce:  # a launch writes every (sample, channel, split) slot exactly once
+        alloc = torch.empty if x.numel() > 0 else torch.zeros
+        sdyx = alloc((n, c, t.splits), device=x.device, dtype=torch.float32)
+        sdy = torch.empty_like(sdyx) if x.numel() > 0 else torch.zeros_like(sdyx)
     if x.numel() > 0:
         dx_strides = as_3d(dx)[1] if write_dx else x_strides
         # One program: one sample, BLOCK_C channels, one spatial split.
@@ -336,7 +341,7 @@ def normalize_backward(
             BLOCK_C=t.block_c,
             BLOCK_M=t.block_m,
         )
-    if reduce:
+    if reduce and not partials:
         # Combine the splits in a fixed order (deterministic).
         sdyx, sdy = sdyx.sum(dim=2), sdy.sum(dim=2)
     return dx, sdyx, sdy

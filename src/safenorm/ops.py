@@ -107,12 +107,12 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 @functools.cache
-def _kernel_modules() -> tuple[Any, Any] | None:
+def _kernel_modules() -> tuple[Any, Any, Any] | None:
     try:
-        from safenorm.kernels import moments, normalize
+        from safenorm.kernels import batch_norm, moments, normalize
     except ImportError:
         return None
-    return moments, normalize
+    return moments, normalize, batch_norm
 
 
 def kernels_available() -> bool:
@@ -565,6 +565,55 @@ class _BatchNormTrain(torch.autograd.Function):
         return _batch_norm_train_grads(_EAGER_BLOCKS, ctx, dy)
 
 
+class _FusedBatchNorm(torch.autograd.Function):
+    """One group without clipping (``nn.BatchNorm``'s math) in five kernel launches (eager).
+
+    :mod:`safenorm.kernels.batch_norm` folds the combine of the statistics, the affine
+    coefficients and the running update into one kernel each way; the buffers are updated in
+    place by the forward launch.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        y, mean, rstd, scale = _kernel_modules()[2].batch_norm_forward(
+            x, weight, bias, eps, running_mean, running_var, momentum
+        )
+        ctx.save_for_backward(x, mean, rstd, scale)
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        x, mean, rstd, scale = ctx.saved_tensors
+        dx, dweight, dbias = _kernel_modules()[2].batch_norm_backward(dy, x, mean, rstd, scale)
+        dweight = None if ctx.weight_dtype is None else dweight.to(ctx.weight_dtype)
+        dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None, None, None
+
+
+def _fuses_batch_norm(x: Tensor, ghost_batch_size: int, clipped: bool, detach: bool) -> bool:
+    """Whether the eager layer can run :class:`_FusedBatchNorm` (one group, plain statistics)."""
+    one_group = ghost_batch_size <= 0 or ghost_batch_size >= x.shape[0]
+    return (
+        one_group
+        and not clipped
+        and not detach
+        and x.numel() > 0
+        and _use_kernels(x)
+        and not torch.compiler.is_compiling()
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Ops: normalization with frozen statistics (DP), running update
 # ----------------------------------------------------------------------------------------------
@@ -692,6 +741,17 @@ def _batch_norm_train_layer(
     center = None if reference.center is None else reference.center.detach()
     scale = None if reference.scale is None else reference.scale.detach()
     ghost = 0 if ghost_batch_size is None else int(ghost_batch_size)
+    if _fuses_batch_norm(input, ghost, clipped, detach_statistics):
+        update = running_mean is not None and running_var is not None
+        return _FusedBatchNorm.apply(
+            input,
+            weight,
+            bias,
+            running_mean if update else None,
+            running_var if update else None,
+            float(momentum),
+            float(eps),
+        )
     compiling = torch.compiler.is_compiling()
     train = _batch_norm_train if compiling else _BatchNormTrain.apply
     y, mean, var, _, _ = train(

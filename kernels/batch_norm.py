@@ -1,0 +1,288 @@
+"""Standard batch norm (one group, gradients through the statistics) in five launches.
+
+The general path of :mod:`safenorm.ops` combines per-sample moments into group statistics with a
+dozen small PyTorch operations forward and as many backward, each a kernel launch that costs
+more CPU time than the kernel takes on a GPU. For one group without clipping (``nn.BatchNorm``'s
+math: :class:`~safenorm.GhostBatchNorm2d` with one ghost batch) the combine is a per-channel
+reduction over ``(N, C, splits)`` partial sums, done here in one kernel each way:
+
+* forward: stage-1 partial sums (:func:`safenorm.kernels.moments.moments_partials`), then
+  ``_statistics_kernel`` (batch mean and variance, the affine coefficients and the running
+  update in place), then :func:`safenorm.kernels.normalize.normalize_forward`;
+* backward: the reduce pass of :func:`safenorm.kernels.normalize.normalize_backward`, then
+  ``_statistics_backward_kernel`` (``dweight``, ``dbias`` and the per-channel coefficients of
+  ``dx``), then the ``dx`` pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .moments import moments_partials
+from .normalize import normalize_backward, normalize_forward
+
+__all__ = ["batch_norm_backward", "batch_norm_forward"]
+
+# Samples per loop step of the combine kernels (a tile of BLOCK_N x BLOCK_C partial sums).
+_BLOCK_N = 32
+_BLOCK_C = 32
+
+
+@triton.jit
+def _statistics_kernel(
+    pivot_ptr,  # (N, C) fp32: each row's first element
+    s1_ptr,  # (N, C, SPLITS) fp32: partial sums of x - pivot
+    s2_ptr,  # (N, C, SPLITS) fp32: partial sums of (x - pivot)^2
+    weight_ptr,  # (C,) any float (HAS_WEIGHT)
+    bias_ptr,  # (C,) any float (HAS_BIAS)
+    running_mean_ptr,  # (C,) updated in place (UPDATE_RUNNING)
+    running_var_ptr,  # (C,) updated in place (UPDATE_RUNNING)
+    mean_ptr,  # (C,) fp32 out
+    rstd_ptr,  # (C,) fp32 out
+    scale_ptr,  # (C,) fp32 out: rstd * weight
+    shift_ptr,  # (C,) fp32 out: bias - mean * scale
+    N,
+    C,
+    SPLITS,
+    M,
+    eps,
+    momentum,
+    correction,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Batch statistics of BLOCK_C channels from the stage-1 partial sums.
+
+    Args:
+        pivot_ptr, s1_ptr, s2_ptr: the stage-1 outputs (:func:`moments_partials`).
+        weight_ptr, bias_ptr: affine parameters, if any.
+        running_mean_ptr, running_var_ptr: buffers, moved ``momentum`` of the way to the batch
+            mean and the unbiased variance (biased variance times ``correction``).
+        mean_ptr, rstd_ptr, scale_ptr, shift_ptr: fp32 ``(C,)`` outputs.
+        N, C, SPLITS, M: samples, channels, spatial splits, spatial size.
+        eps, momentum, correction: as named.
+        BLOCK_N, BLOCK_C: tile of one loop step.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    # Sample means are summed as deviations from the first one, so the variance of the means
+    # cancels nothing larger than their spread (the data's mean can be far from zero).
+    first_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        first_sum += tl.load(s1_ptr + c * SPLITS + split, mask=c_mask, other=0.0)
+    first = tl.load(pivot_ptr + c, mask=c_mask, other=0.0) + first_sum / M
+    acc_d = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_d2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_w = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for n_start in range(0, N, BLOCK_N):
+        n = n_start + tl.arange(0, BLOCK_N)
+        mask = (n < N)[:, None] & c_mask[None, :]
+        row = n[:, None] * C + c[None, :]
+        sum1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        sum2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for split in range(0, SPLITS):
+            sum1 += tl.load(s1_ptr + row * SPLITS + split, mask=mask, other=0.0)
+            sum2 += tl.load(s2_ptr + row * SPLITS + split, mask=mask, other=0.0)
+        shift = sum1 / M
+        sample_var = tl.maximum(sum2 / M - shift * shift, 0.0)
+        deviation = tl.load(pivot_ptr + row, mask=mask, other=0.0) + shift - first[None, :]
+        deviation = tl.where(mask, deviation, 0.0)
+        acc_d += deviation
+        acc_d2 += deviation * deviation
+        acc_w += tl.where(mask, sample_var, 0.0)
+    mean_deviation = tl.sum(acc_d, axis=0) / N
+    mean = first + mean_deviation
+    var = tl.sum(acc_w, axis=0) / N + tl.sum(acc_d2, axis=0) / N - mean_deviation * mean_deviation
+    var = tl.maximum(var, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = rstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+    tl.store(scale_ptr + c, scale, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask)
+    if UPDATE_RUNNING:
+        old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        old_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        new_mean = old_mean + momentum * (mean - old_mean)
+        new_var = old_var + momentum * (var * correction - old_var)
+        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _statistics_backward_kernel(
+    sdyx_ptr,  # (N, C, SPLITS) fp32: partial sums of dy * xhat
+    sdy_ptr,  # (N, C, SPLITS) fp32: partial sums of dy
+    scale_ptr,  # (C,) fp32: rstd * weight
+    rstd_ptr,  # (C,) fp32
+    coef_ptr,  # (C,) fp32 out
+    offset_ptr,  # (C,) fp32 out
+    dweight_ptr,  # (C,) fp32 out: sum of dy * xhat
+    dbias_ptr,  # (C,) fp32 out: sum of dy
+    N,
+    C,
+    SPLITS,
+    count,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``dweight``, ``dbias`` and ``dx = dy * scale + coef * (x - mean) + offset``'s terms.
+
+    With ``count = N * M`` values per channel, BN's input gradient is
+    ``scale * (dy - sum(dy) / count - xhat * sum(dy * xhat) / count)``, so
+    ``coef = -scale * rstd * sum(dy * xhat) / count`` and ``offset = -scale * sum(dy) / count``.
+
+    Args:
+        sdyx_ptr, sdy_ptr: the reduce pass's partial sums.
+        scale_ptr, rstd_ptr: the forward's coefficients.
+        coef_ptr, offset_ptr, dweight_ptr, dbias_ptr: fp32 ``(C,)`` outputs.
+        N, C, SPLITS: samples, channels, spatial splits. count: ``N * M``.
+        BLOCK_N, BLOCK_C: tile of one loop step.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc_dyx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_dy = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for n_start in range(0, N, BLOCK_N):
+        n = n_start + tl.arange(0, BLOCK_N)
+        mask = (n < N)[:, None] & c_mask[None, :]
+        row = (n[:, None] * C + c[None, :]) * SPLITS
+        for split in range(0, SPLITS):
+            acc_dyx += tl.load(sdyx_ptr + row + split, mask=mask, other=0.0)
+            acc_dy += tl.load(sdy_ptr + row + split, mask=mask, other=0.0)
+    total_dyx = tl.sum(acc_dyx, axis=0)
+    total_dy = tl.sum(acc_dy, axis=0)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    tl.store(coef_ptr + c, -scale * rstd * total_dyx / count, mask=c_mask)
+    tl.store(offset_ptr + c, -scale * total_dy / count, mask=c_mask)
+    tl.store(dweight_ptr + c, total_dyx, mask=c_mask)
+    tl.store(dbias_ptr + c, total_dy, mask=c_mask)
+
+
+def _dummy(x: Tensor) -> Tensor:
+    return torch.empty(1, device=x.device, dtype=torch.float32)
+
+
+def batch_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.1,
+    *,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of ``x`` with statistics over the whole batch.
+
+    Args:
+        x: ``(N, C, *S)`` float32/float16/bfloat16 with ``N, C, prod(S) > 0``; contiguous or
+            channels-last run in place, other layouts are copied.
+        weight, bias: ``(C,)`` or ``None``.
+        eps: added to the variance.
+        running_mean, running_var: ``(C,)`` buffers updated in place as ``nn.BatchNorm`` does
+            (unbiased variance), or ``None``.
+        momentum: weight of the batch's value in the running update.
+        num_splits: force this many spatial splits (tests).
+
+    Returns:
+        ``(y, mean, rstd, scale)``: ``y`` in ``x``'s dtype and memory format; fp32 ``(C,)``
+        batch mean, ``1 / sqrt(var + eps)`` and ``rstd * weight`` (kept for the backward).
+    """
+    n, c, m_size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    pivot, s1, s2 = moments_partials(x, num_splits=num_splits)
+    stats = [torch.empty(c, device=x.device, dtype=torch.float32) for _ in range(4)]
+    mean, rstd, scale, shift = stats
+    update = running_mean is not None and running_var is not None
+    count = n * m_size
+    _statistics_kernel[(triton.cdiv(c, _BLOCK_C),)](
+        pivot,
+        s1,
+        s2,
+        weight if weight is not None else _dummy(x),
+        bias if bias is not None else _dummy(x),
+        running_mean if update else _dummy(x),
+        running_var if update else _dummy(x),
+        mean,
+        rstd,
+        scale,
+        shift,
+        n,
+        c,
+        s1.shape[2],
+        m_size,
+        float(eps),
+        float(momentum),
+        count / (count - 1) if count > 1 else 1.0,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        UPDATE_RUNNING=update,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_C=_BLOCK_C,
+    )
+    return normalize_forward(x, scale, shift, num_splits=num_splits), mean, rstd, scale
+
+
+def batch_norm_backward(
+    grad_output: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    scale: Tensor,
+    *,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`batch_norm_forward` (statistics included).
+
+    Args:
+        grad_output: ``(N, C, *S)`` ``dy``, float32/float16/bfloat16.
+        x: the forward input.
+        mean, rstd, scale: fp32 ``(C,)`` from :func:`batch_norm_forward`.
+        num_splits: force this many spatial splits (tests).
+
+    Returns:
+        ``(dx, dweight, dbias)``: ``dx`` in ``x``'s dtype and memory format; fp32 ``(C,)``
+        ``sum(dy * xhat)`` and ``sum(dy)``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    _, sdyx, sdy = normalize_backward(
+        grad_output, x, mean, rstd, None, num_splits=num_splits, partials=True
+    )
+    coef, offset, dweight, dbias = (
+        torch.empty(c, device=x.device, dtype=torch.float32) for _ in range(4)
+    )
+    _statistics_backward_kernel[(triton.cdiv(c, _BLOCK_C),)](
+        sdyx,
+        sdy,
+        scale,
+        rstd,
+        coef,
+        offset,
+        dweight,
+        dbias,
+        n,
+        c,
+        sdyx.shape[2],
+        float(x.numel() // c),
+        BLOCK_N=_BLOCK_N,
+        BLOCK_C=_BLOCK_C,
+    )
+    dx, _, _ = normalize_backward(
+        grad_output, x, None, None, scale, coef, mean, offset, num_splits=num_splits
+    )
+    return dx, dweight, dbias
