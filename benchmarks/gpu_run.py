@@ -91,9 +91,9 @@ def _machine(torch) -> dict:
     return info
 
 
-def _run_gpu_tests(dry_run: bool, timeout_s: float) -> dict:
+def _run_gpu_tests(dry_run: bool, timeout_s: float, log_path: Path | None = None) -> dict:
     marks = "gpu" if dry_run else "not slow"  # the dry run only checks that this step works
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", marks, "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", marks, "-p", "no:cacheprovider"]
     cmd += KERNEL_TESTS
     start = time.perf_counter()
     try:
@@ -104,7 +104,9 @@ def _run_gpu_tests(dry_run: bool, timeout_s: float) -> dict:
     except subprocess.TimeoutExpired as expired:
         rc, output = "timeout", f"{expired.stdout or ''}{expired.stderr or ''}"
         output = output.decode() if isinstance(output, bytes) else output
-    tail = output.strip().splitlines()[-25:]
+    if log_path is not None:
+        log_path.write_text(output)
+    tail = output.strip().splitlines()[-40:]
     print("\n".join(tail), flush=True)
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": time.perf_counter() - start,
             "tail": tail}  # fmt: skip
@@ -188,7 +190,9 @@ def main() -> int:
     report["byte_model"] = BYTES_PER_ELEMENT_ACCESSES
     path = out_dir / ("gpu_run_dry.json" if args.dry_run else "gpu_run.json")
     if not args.skip_tests:
-        report["gpu_tests"] = _run_gpu_tests(args.dry_run, args.tests_timeout_s)
+        report["gpu_tests"] = _run_gpu_tests(
+            args.dry_run, args.tests_timeout_s, out_dir / "gpu_tests.log"
+        )
     bench = _timer(torch, cuda)
     shapes = DRY_SHAPES if args.dry_run else GPU_SHAPES
     dtypes = [torch.float32] if args.dry_run else [torch.float32, torch.bfloat16]
