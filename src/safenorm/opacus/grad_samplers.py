@@ -18,13 +18,11 @@ Registered for every concrete class (Opacus looks grad samplers up by exact type
 
 from __future__ import annotations
 
-import math
-
-import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from safenorm import ops
 from safenorm.modules.dp import DPBatchNorm, DPBatchNorm1d, DPBatchNorm2d, DPBatchNorm3d
 
 __all__ = [
@@ -100,18 +98,9 @@ def statistics_for_backward(layer: DPBatchNorm, activations: list) -> tuple[Tens
 
 
 def _per_sample_terms(layer: DPBatchNorm, activations: list, backprops: Tensor):
+    """``(sum_s dy * xhat, sum_s dy)`` per (sample, channel): one fused pass on CUDA."""
     x, mean, var = statistics_for_backward(layer, activations)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    view = (x.shape[0], x.shape[1], math.prod(x.shape[2:]))  # explicit: N may be 0
-    xs, dy = x.to(dtype).reshape(view), backprops.to(dtype).reshape(view)
-    mean, var = mean.to(dtype), var.to(dtype)
-    scale = torch.rsqrt(var + layer.eps)
-    if mean.dim() == 1:
-        mean, scale = mean.view(1, -1, 1), scale.view(1, -1, 1)
-    else:  # (N, C) per-sample statistics (DP ghost groups)
-        mean, scale = mean.unsqueeze(-1), scale.unsqueeze(-1)
-    xhat = (xs - mean) * scale
-    return (dy * xhat).sum(-1), dy.sum(-1)
+    return ops.per_sample_affine_grads(x, backprops, mean, var, layer.eps)
 
 
 @register_grad_sampler(list(DP_CLASSES))
