@@ -50,6 +50,7 @@ def _normalize_forward_kernel(
     y_stride_c,
     y_stride_m,
     stat_stride_n,
+    stat_group,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -57,8 +58,9 @@ def _normalize_forward_kernel(
 
     Args:
         x_ptr, y_ptr: input and output viewed as ``(N, C, M)``.
-        scale_ptr, shift_ptr: fp32 per-(sample, channel) coefficients, row stride
-            ``stat_stride_n`` (0 for per-channel statistics), unit channel stride.
+        scale_ptr, shift_ptr: fp32 coefficients of sample ``n`` in row ``n // stat_group``
+            (consecutive ghost groups; 1 per sample), row stride ``stat_stride_n`` (0 for
+            per-channel statistics), unit channel stride.
         C, M, SPLITS, M_PER_SPLIT: sizes and spatial split.
         x_stride_*, y_stride_*: strides of the views (elements).
         BLOCK_C, BLOCK_M: tile of one loop step.
@@ -69,8 +71,9 @@ def _normalize_forward_kernel(
     split = pid_ns % SPLITS
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    scale = tl.load(scale_ptr + n * stat_stride_n + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + n * stat_stride_n + c, mask=c_mask, other=0.0)
+    stat = (n // stat_group) * stat_stride_n + c
+    scale = tl.load(scale_ptr + stat, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + stat, mask=c_mask, other=0.0)
     x_row = x_ptr + n.to(tl.int64) * x_stride_n + c.to(tl.int64) * x_stride_c
     y_row = y_ptr + n.to(tl.int64) * y_stride_n + c.to(tl.int64) * y_stride_c
     m_start = split * M_PER_SPLIT
@@ -109,6 +112,7 @@ def _normalize_backward_kernel(
     dx_stride_c,
     dx_stride_m,
     stat_stride_n,
+    stat_group,
     REDUCE: tl.constexpr,
     WRITE_DX: tl.constexpr,
     STATS_TERM: tl.constexpr,
@@ -119,7 +123,8 @@ def _normalize_backward_kernel(
 
     Args:
         dy_ptr, x_ptr, dx_ptr: ``(N, C, M)`` views with their own strides.
-        mean_ptr, rstd_ptr, scale_ptr: fp32 ``(N or 1, C)`` with row stride ``stat_stride_n``.
+        mean_ptr, rstd_ptr, scale_ptr: fp32 ``(rows, C)``, sample ``n`` in row
+            ``n // stat_group``, row stride ``stat_stride_n`` (0: one row for all).
         coef_ptr, center_ptr, offset_ptr: fp32 ``(N or 1, C)``, the same row stride
             (``STATS_TERM`` only).
         sdyx_ptr, sdy_ptr: fp32 ``(N, C, SPLITS)`` partial sums (``REDUCE`` only).
@@ -134,7 +139,7 @@ def _normalize_backward_kernel(
     split = pid_ns % SPLITS
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    stat = n * stat_stride_n + c
+    stat = (n // stat_group) * stat_stride_n + c
     per_sample = n * C + c
     if REDUCE:
         mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)
@@ -182,25 +187,40 @@ def _check_input(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} supports float32/float16/bfloat16 input, got {x.dtype}")
 
 
-def _stat(t: Tensor, n: int, c: int) -> tuple[Tensor, int]:
-    """fp32 contiguous per-channel ``(C,)`` or per-sample ``(N, C)`` values and their row stride."""
+def _stat(t: Tensor, rows: int, c: int) -> tuple[Tensor, int]:
+    """fp32 contiguous per-channel ``(C,)`` or per-row ``(rows, C)`` values and their row stride."""
     t = t.detach().to(torch.float32).contiguous()
     if t.shape == (c,):
         return t, 0
-    if t.shape == (n, c):
+    if t.shape == (rows, c):
         return t, c
-    raise ValueError(f"expected statistics of shape ({c},) or ({n}, {c}), got {tuple(t.shape)}")
+    raise ValueError(f"expected statistics of shape ({c},) or ({rows}, {c}), got {tuple(t.shape)}")
+
+
+def _rows(n: int, group_size: int) -> int:
+    """Rows of per-row statistics: one per consecutive group of ``group_size`` samples."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    return triton.cdiv(n, group_size)
 
 
 def normalize_forward(
-    x: Tensor, scale: Tensor, shift: Tensor, *, num_splits: int | None = None
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    *,
+    group_size: int = 1,
+    num_splits: int | None = None,
 ) -> Tensor:
-    """``y = x * scale + shift`` per channel or per (sample, channel).
+    """``y = x * scale + shift`` per channel, per (sample, channel) or per (group, channel).
 
     Args:
         x: ``(N, C, *S)`` float32/float16/bfloat16, any memory format (contiguous and
             channels-last run in place, others are copied).
-        scale, shift: ``(C,)`` or ``(N, C)``, any float dtype (used in fp32).
+        scale, shift: ``(C,)``, or ``(ceil(N / group_size), C)`` (one row per consecutive
+            group of ``group_size`` samples; ``(N, C)`` for the default 1), any float dtype
+            (used in fp32).
+        group_size: samples per row of ``scale`` and ``shift``.
         num_splits: force this many spatial splits (tests).
 
     Returns:
@@ -208,10 +228,11 @@ def normalize_forward(
     """
     _check_input("normalize_forward", x)
     n, c, m_size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    scale, stat_stride = _stat(scale, n, c)
-    shift, shift_stride = _stat(shift, n, c)
+    rows = _rows(n, group_size)
+    scale, stat_stride = _stat(scale, rows, c)
+    shift, shift_stride = _stat(shift, rows, c)
     if shift_stride != stat_stride:
-        scale, shift = scale.expand(n, c).contiguous(), shift.expand(n, c).contiguous()
+        scale, shift = scale.expand(rows, c).contiguous(), shift.expand(rows, c).contiguous()
         stat_stride = c
     x, x_strides = as_3d(x)
     y = torch.empty_like(x)
@@ -233,6 +254,7 @@ def normalize_forward(
         *x_strides,
         *y_strides,
         stat_stride,
+        group_size,
         BLOCK_C=t.block_c,
         BLOCK_M=t.block_m,
     )
@@ -249,6 +271,7 @@ def normalize_backward(
     center: Tensor | None = None,
     offset: Tensor | None = None,
     *,
+    group_size: int = 1,
     num_splits: int | None = None,
     partials: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -264,10 +287,12 @@ def normalize_backward(
     Args:
         grad_output: ``(N, C, *S)`` ``dy``, float32/float16/bfloat16, any memory format.
         x: ``(N, C, *S)`` the forward input (same shape as ``grad_output``).
-        mean, rstd: ``(C,)`` or ``(N, C)`` statistics of the forward, or ``None`` (no sums).
-        scale: ``(C,)`` or ``(N, C)`` ``rstd * weight``, or ``None`` (no ``dx``).
-        coef, center, offset: ``(C,)`` or ``(N, C)`` gradient through the statistics, or
+        mean, rstd: ``(C,)`` or ``(rows, C)`` statistics of the forward, or ``None`` (no
+            sums); ``rows = ceil(N / group_size)``, ``N`` for the default 1.
+        scale: ``(C,)`` or ``(rows, C)`` ``rstd * weight``, or ``None`` (no ``dx``).
+        coef, center, offset: ``(C,)`` or ``(rows, C)`` gradient through the statistics, or
             ``None``.
+        group_size: samples per row of the statistics.
         num_splits: force this many spatial splits (tests).
         partials: return the sums unreduced, ``(N, C, splits)``, for a kernel that sums them.
 
@@ -294,11 +319,12 @@ def normalize_backward(
     stats = {"mean": mean, "rstd": rstd, "scale": scale}
     if stats_term:
         stats.update(coef=coef, center=center, offset=offset)
-    stats = {k: _stat(v, n, c) for k, v in stats.items() if v is not None}
-    # Per-channel statistics read with row stride 0; if any is per-sample, broadcast all.
+    rows = _rows(n, group_size)
+    stats = {k: _stat(v, rows, c) for k, v in stats.items() if v is not None}
+    # Per-channel statistics read with row stride 0; if any is per-row, broadcast all.
     stat_stride = max(stride for _, stride in stats.values())
     stats = {
-        k: v if s == stat_stride else v.expand(n, c).contiguous() for k, (v, s) in stats.items()
+        k: v if s == stat_stride else v.expand(rows, c).contiguous() for k, (v, s) in stats.items()
     }
     mean, rstd, scale = stats.get("mean"), stats.get("rstd"), stats.get("scale")
     coef, center, offset = stats.get("coef"), stats.get("center"), stats.get("offset")
@@ -335,6 +361,7 @@ def normalize_backward(
             *x_strides,
             *dx_strides,
             stat_stride,
+            group_size,
             REDUCE=reduce,
             WRITE_DX=write_dx,
             STATS_TERM=stats_term,

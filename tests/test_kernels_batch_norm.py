@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from safenorm import functional as SF
+
 triton = pytest.importorskip("triton")
 
 from safenorm.kernels.batch_norm import batch_norm_backward, batch_norm_forward  # noqa: E402
@@ -71,7 +73,7 @@ def test_half_input_keeps_fp32_statistics_and_buffers():
     y, mean, rstd, _ = batch_norm_forward(x, None, None, 1e-5, rm, rv, 1.0)
     assert y.dtype == torch.float16 and mean.dtype == rstd.dtype == torch.float32
     xd = x.double()
-    torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean[0].double(), xd.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rv.double(), xd.var((0, 2, 3)), atol=1e-4, rtol=1e-4)
 
 
@@ -82,3 +84,39 @@ def test_single_value_per_channel_keeps_the_variance_biased():
     batch_norm_forward(x, None, None, 1e-5, rm, rv, 0.5)
     torch.testing.assert_close(rv, torch.full((3,), 0.5, device=DEVICE))
     torch.testing.assert_close(rm, torch.tensor([0.5, 1.0, 1.5], device=DEVICE))
+
+
+@pytest.mark.parametrize("group_size, num_splits", [(32, None), (7, 2), (1, None), (69, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ghost_groups_match_batchnorm_per_group(group_size, num_splits, channels_last):
+    """Each consecutive group (the last one ragged) is an independent batch norm."""
+    g = torch.Generator().manual_seed(group_size)
+    x = (torch.randn(70, 40, 3, 5, generator=g) * 2 - 20).to(DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=g).to(DEVICE)
+    weight, bias = (
+        torch.linspace(0.5, 2, 40, device=DEVICE),
+        torch.linspace(-1, 1, 40, device=DEVICE),
+    )
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y_ref = torch.cat([
+        nn.functional.batch_norm(chunk, None, None, wr, br, True, 0.0, 1e-5)
+        for chunk in xr.split(group_size)
+    ])  # fmt: skip
+    y_ref.backward(dy.double())
+    rm, rv = torch.zeros(40, device=DEVICE), torch.ones(40, device=DEVICE)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    SF.ghost_batch_norm(x.double(), rm_ref, rv_ref, None, None, True, 0.2, 1e-5, group_size)
+    y, mean, rstd, scale = batch_norm_forward(
+        x, weight, bias, 1e-5, rm, rv, 0.2, group_size=group_size, num_splits=num_splits
+    )
+    dx, dweight, dbias = batch_norm_backward(
+        dy, x, mean, rstd, scale, group_size=group_size, num_splits=num_splits
+    )
+    close = dict(atol=2e-4, rtol=2e-4)
+    assert mean.shape == (-(-70 // group_size), 40)
+    torch.testing.assert_close(y.double(), y_ref, **close)
+    torch.testing.assert_close(dx.double(), xr.grad, **close)
+    torch.testing.assert_close((dweight.double(), dbias.double()), (wr.grad, br.grad), **close)
+    torch.testing.assert_close((rm.double(), rv.double()), (rm_ref, rv_ref), **close)

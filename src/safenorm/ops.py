@@ -566,7 +566,7 @@ class _BatchNormTrain(torch.autograd.Function):
 
 
 class _FusedBatchNorm(torch.autograd.Function):
-    """One group without clipping (``nn.BatchNorm``'s math) in five kernel launches (eager).
+    """Ghost BN without clipping (``nn.BatchNorm``'s math per group) in five launches (eager).
 
     :mod:`safenorm.kernels.batch_norm` folds the combine of the statistics, the affine
     coefficients and the running update into one kernel each way; the buffers are updated in
@@ -583,11 +583,13 @@ class _FusedBatchNorm(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
+        group_size: int,
     ) -> Tensor:
         y, mean, rstd, scale = _kernel_modules()[2].batch_norm_forward(
-            x, weight, bias, eps, running_mean, running_var, momentum
+            x, weight, bias, eps, running_mean, running_var, momentum, group_size=group_size
         )
         ctx.save_for_backward(x, mean, rstd, scale)
+        ctx.group_size = group_size
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -595,18 +597,18 @@ class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple:
         x, mean, rstd, scale = ctx.saved_tensors
-        dx, dweight, dbias = _kernel_modules()[2].batch_norm_backward(dy, x, mean, rstd, scale)
+        dx, dweight, dbias = _kernel_modules()[2].batch_norm_backward(
+            dy, x, mean, rstd, scale, group_size=ctx.group_size
+        )
         dweight = None if ctx.weight_dtype is None else dweight.to(ctx.weight_dtype)
         dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
-def _fuses_batch_norm(x: Tensor, ghost_batch_size: int, clipped: bool, detach: bool) -> bool:
-    """Whether the eager layer can run :class:`_FusedBatchNorm` (one group, plain statistics)."""
-    one_group = ghost_batch_size <= 0 or ghost_batch_size >= x.shape[0]
+def _fuses_batch_norm(x: Tensor, clipped: bool, detach: bool) -> bool:
+    """Whether the eager layer can run :class:`_FusedBatchNorm` (plain group statistics)."""
     return (
-        one_group
-        and not clipped
+        not clipped
         and not detach
         and x.numel() > 0
         and _use_kernels(x)
@@ -741,7 +743,7 @@ def _batch_norm_train_layer(
     center = None if reference.center is None else reference.center.detach()
     scale = None if reference.scale is None else reference.scale.detach()
     ghost = 0 if ghost_batch_size is None else int(ghost_batch_size)
-    if _fuses_batch_norm(input, ghost, clipped, detach_statistics):
+    if _fuses_batch_norm(input, clipped, detach_statistics):
         update = running_mean is not None and running_var is not None
         return _FusedBatchNorm.apply(
             input,
@@ -751,6 +753,7 @@ def _batch_norm_train_layer(
             running_var if update else None,
             float(momentum),
             float(eps),
+            ghost,
         )
     compiling = torch.compiler.is_compiling()
     train = _batch_norm_train if compiling else _BatchNormTrain.apply
