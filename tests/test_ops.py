@@ -162,6 +162,27 @@ def test_consecutive_groups_match_functional():
             assert ops._group_count(n, g) == ref.count
 
 
+@pytest.mark.parametrize("affine", ["weight only", "bias only"])
+@pytest.mark.parametrize("layer", ["ghost", "ghost groups", "clipped"])
+def test_partial_affine_gets_its_gradient(op_backend, affine, layer):
+    """A layer with only a weight, or only a bias, gets exactly that gradient."""
+    x, weight, bias, running, dy = _inputs((6, 3, 2, 2))
+    weight, bias = (weight, None) if affine == "weight only" else (None, bias)
+    kwargs = {"ghost": {}, "ghost groups": {"ghost_batch_size": 4}}.get(layer)
+    fns = (ops.ghost_batch_norm, SF.ghost_batch_norm)
+    if kwargs is None:
+        kwargs = {"clip_norm": 2.0, "var_clip_norm": 4.0}
+        fns = (ops.clipped_batch_norm, SF.clipped_batch_norm)
+    grads = []
+    for fn in fns:
+        xi = x.detach().clone().requires_grad_()
+        param = (weight if weight is not None else bias).detach().clone().requires_grad_()
+        w, b = (param, None) if weight is not None else (None, param)
+        fn(xi, *(r.clone() for r in running), w, b, True, 0.1, 1e-5, **kwargs).backward(dy)
+        grads.append((xi.grad, param.grad))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("n, ghost", [(1, 0), (6, 0), (7, 3), (8, 2)])
 def test_closed_form_statistics_backward_matches_autograd(n, ghost):
     g = torch.Generator().manual_seed(n)

@@ -488,6 +488,7 @@ def _batch_norm_train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     _, mean, var, m, w = output
     ctx.save_for_backward(x, weight, center, scale, mean, var, m, w)
     ctx.args = (eps, ghost, clipped, clip_norm, var_clip_norm, detach)
+    ctx.bias_dtype = None if inputs[2] is None else inputs[2].dtype
     ctx.mark_non_differentiable(mean, var, m, w)
 
 
@@ -536,7 +537,8 @@ def _batch_norm_train_grads(blocks: _BackwardOps, ctx: Any, dy: Tensor) -> tuple
         dx = blocks.normalize_backward(dy, x, gain, 2.0 * dw / spatial, m, dm / spatial)
     if weight is not None:
         dweight = sdyx.sum(0).to(weight.dtype)
-        dbias = sdy.sum(0).to(weight.dtype)
+    if ctx.bias_dtype is not None:
+        dbias = sdy.sum(0).to(ctx.bias_dtype)
     return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
