@@ -157,7 +157,8 @@ def test_deferred_finite_check_restores_now_and_raises_at_the_next_forward(famil
     for key, value in layer.state_dict().items():
         assert torch.equal(value, saved[key]), key
     clone = copy.deepcopy(layer)  # a check in flight is not copied
-    with pytest.raises(ValueError, match=f"{family}2d: batch statistics of the previous"):
+    message = f"{family}2d: batch statistics of the previous training forward"
+    with pytest.raises(ValueError, match=message):
         layer(torch.randn(4, 3, 2, 2))
     clone(torch.randn(4, 3, 2, 2))
     layer(torch.randn(4, 3, 2, 2))  # reported once; the layer trains on

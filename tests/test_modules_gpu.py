@@ -60,5 +60,16 @@ def test_cuda_finite_check_is_deferred_and_restores_the_buffers():
     x[0, 1, 0, 0] = float("nan")
     layer(x)
     torch.testing.assert_close((layer.running_mean, layer.running_var), saved)
-    with pytest.raises(ValueError, match="GhostBatchNorm2d: batch statistics of the previous"):
+    message = "GhostBatchNorm2d: batch statistics of the previous training forward"
+    with pytest.raises(ValueError, match=message):
         layer(torch.randn(4, 4, 3, 3, device="cuda"))
+
+
+def test_cuda_finite_check_at_once_when_not_deferred():
+    layer = safenorm.DPBatchNorm2d(4, expected_batch_size=4).cuda()
+    layer.register_release_hook(lambda *_: None)
+    layer.defer_statistics_check = False
+    x = torch.randn(4, 4, 3, 3, device="cuda")
+    x[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="DPBatchNorm2d: batch statistics are NaN"):
+        layer(x)

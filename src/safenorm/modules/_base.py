@@ -34,10 +34,12 @@ class SafeBatchNormBase(nn.Module):
     _input_ranks: ClassVar[tuple[int, ...]] = (2, 3, 4, 5)
     _variant_args: ClassVar[tuple[str, ...]] = ()
     #: Verify after each training forward that the running statistics are finite; on failure
-    #: they are restored and a ValueError names the layer. On CPU the check is immediate; on CUDA
-    #: the buffers are restored on the device and the error raised at the layer's next forward,
-    #: so the check never makes the host wait for the GPU.
+    #: they are restored and a ValueError names the layer.
     check_statistics: ClassVar[bool] = True
+    #: On CUDA, restore the buffers on the device and raise at the layer's next forward, so the
+    #: check never makes the host wait for the GPU (the step in between may already have applied
+    #: non-finite gradients). ``False``: check at once, with one host sync per forward.
+    defer_statistics_check: ClassVar[bool] = True
 
     num_features: int
     eps: float
@@ -253,12 +255,20 @@ class SafeBatchNormBase(nn.Module):
 
     def _defers_check(self, input: Tensor) -> bool:
         """Check the statistics one forward late (CUDA: a host sync would stall the GPU)."""
-        return input.is_cuda and not torch.cuda.is_current_stream_capturing()
+        return (
+            self.defer_statistics_check
+            and input.is_cuda
+            and not torch.cuda.is_current_stream_capturing()
+        )
 
     def _raise_if_earlier_statistics_failed(self) -> None:
         pending, self._pending_check = getattr(self, "_pending_check", None), None
         if pending is not None and pending.failed():
-            raise ValueError(self._nonfinite_message("of the previous training step were"))
+            raise ValueError(
+                self._nonfinite_message("of the previous training forward were")
+                + " (checked one forward late on CUDA: parameters may have taken a non-finite "
+                "step since; set defer_statistics_check = False to check at once)"
+            )
 
     def _nonfinite_message(self, which: str) -> str:
         return (
