@@ -335,8 +335,9 @@ def normalize_backward(
     t = tiling(n, c, m_size, x_strides, x.device, num_splits)
     if reduce:  # a launch writes every (sample, channel, split) slot exactly once
         alloc = torch.empty if x.numel() > 0 else torch.zeros
-        sdyx = alloc((n, c, t.splits), device=x.device, dtype=torch.float32)
-        sdy = torch.empty_like(sdyx) if x.numel() > 0 else torch.zeros_like(sdyx)
+        sdyx, sdy = (
+            alloc((n, c, t.splits), device=x.device, dtype=torch.float32) for _ in range(2)
+        )
     if x.numel() > 0:
         dx_strides = as_3d(dx)[1] if write_dx else x_strides
         # One program: one sample, BLOCK_C channels, one spatial split.
