@@ -31,7 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e
-BYTES_PER_ELEMENT_ACCESSES = {"forward": 3, "backward": 5, "full": 8, "affine_grads": 2}
+BYTES_PER_ELEMENT_ACCESSES = {
+    "forward": 3,
+    "backward": 5,
+    "full": 8,
+    "full_graph": 8,
+    "affine_grads": 2,
+}
 REPO = Path(__file__).resolve().parents[1]
 
 # (name, N, C, H, W): the BN inputs of ResNet-50 at batch 256 (ImageNet) and CIFAR ResNet-18/20.
@@ -262,6 +268,20 @@ def main() -> int:
                         peak = _peak_bytes(torch, call, params) if mode == "full" else None
                         record(provider=name, mode=mode, ms=ms, ms_p20=lo, ms_p80=hi,
                                peak_extra_bytes=peak, **common)  # fmt: skip
+                    if cuda and name != "clipped_compiled_ref":
+                        # The same step replayed from a CUDA graph: device time without the
+                        # host's launch overhead, so kernel speed and host cost separate.
+                        try:
+                            replay = _graphed(torch, modes["full"])
+                            ms, lo, hi = bench(replay, [])
+                        except Exception as error:  # keep going: report what failed
+                            report["results"].append(
+                                dict(provider=name, mode="full_graph", error=repr(error), **meta)
+                            )
+                            print(f"{name} full_graph failed: {error!r}", flush=True)
+                        else:
+                            record(provider=name, mode="full_graph", ms=ms, ms_p20=lo, ms_p80=hi,
+                                   **common)  # fmt: skip
                 # Per-sample affine gradients: fused pass vs the separate pass from activations.
                 xd, mean = x.detach(), x.detach().float().mean((0, 2, 3))
                 var = x.detach().float().var((0, 2, 3)) + 0.5
@@ -288,6 +308,20 @@ def main() -> int:
     print(f"wrote {path}")
     tests = report.get("gpu_tests", {"rc": 0})
     return 0 if tests["rc"] in (0, 5) else 1  # 5: no test collected
+
+
+def _graphed(torch, call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` captured in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
 
 
 def _peak_bytes(torch, call: Callable[[], object], params: list) -> int | None:
