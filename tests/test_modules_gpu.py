@@ -73,3 +73,23 @@ def test_cuda_finite_check_at_once_when_not_deferred():
     x[0, 1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="DPBatchNorm2d: batch statistics are NaN"):
         layer(x)
+
+
+def test_layers_capture_in_a_cuda_graph_with_the_check_on():
+    """Graph capture cannot sync: the check restores on the device and the step replays."""
+    layer = safenorm.GhostBatchNorm2d(4, ghost_batch_size=2).cuda()
+    x = torch.randn(4, 4, 3, 3, device="cuda", requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            layer(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x).sum().backward()
+    before = layer.running_mean.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(layer.running_mean, before)
+    assert torch.isfinite(layer.running_var).all()

@@ -38,7 +38,8 @@ class SafeBatchNormBase(nn.Module):
     check_statistics: ClassVar[bool] = True
     #: On CUDA, restore the buffers on the device and raise at the layer's next forward, so the
     #: check never makes the host wait for the GPU (the step in between may already have applied
-    #: non-finite gradients). ``False``: check at once, with one host sync per forward.
+    #: non-finite gradients). ``False``: check at once, with one host sync per forward. Inside a
+    #: CUDA graph capture the buffers are restored on the device and nothing is raised.
     defer_statistics_check: ClassVar[bool] = True
 
     num_features: int
@@ -242,10 +243,12 @@ class SafeBatchNormBase(nn.Module):
         before = [b.clone() for b in buffers]
         output = self._batch_forward(input)
         finite = torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
-        if self._defers_check(input):
+        capturing = input.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or self._defers_check(input):
             for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(torch.where(finite, buffer, saved))
-            self._pending_check = _DeferredCheck(finite)
+            if not capturing:  # a CUDA graph's replays have no host side to report from
+                self._pending_check = _DeferredCheck(finite)
             return output
         if not bool(finite):
             for buffer, saved in zip(buffers, before, strict=True):
@@ -255,11 +258,7 @@ class SafeBatchNormBase(nn.Module):
 
     def _defers_check(self, input: Tensor) -> bool:
         """Check the statistics one forward late (CUDA: a host sync would stall the GPU)."""
-        return (
-            self.defer_statistics_check
-            and input.is_cuda
-            and not torch.cuda.is_current_stream_capturing()
-        )
+        return self.defer_statistics_check and input.is_cuda
 
     def _raise_if_earlier_statistics_failed(self) -> None:
         pending, self._pending_check = getattr(self, "_pending_check", None), None
