@@ -299,6 +299,20 @@ def test_infinite_bounds_disable_clipping():
     torch.testing.assert_close(torch.linalg.vector_norm(clipped, dim=1), torch.full((4,), 2.0))
 
 
+def test_clip_rows_matches_a_per_row_loop():
+    """Rows within the bound stay exactly as they are (zero rows too); longer ones get norm R."""
+    u = torch.cat([torch.randn(6, 5) * 3, torch.zeros(1, 5), torch.full((1, 5), 0.4)])
+    bound = 2.0
+    expected = []
+    for row in u:
+        norm = float(torch.linalg.vector_norm(row))
+        expected.append(row * (bound / norm) if norm > bound else row)
+    clipped = SF.clip_rows(u, bound)
+    torch.testing.assert_close(clipped, torch.stack(expected))
+    inside = torch.linalg.vector_norm(u, dim=1) <= bound
+    assert inside.any() and torch.equal(clipped[inside], u[inside])
+
+
 def test_every_releasing_forward_is_counted_and_eval_with_running_stats_releases_nothing():
     calls = []
     layer = safenorm.DPBatchNorm2d(3, expected_batch_size=4)

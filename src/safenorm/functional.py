@@ -202,8 +202,8 @@ def clip_rows(u: Tensor, max_norm: float) -> Tensor:
     if math.isinf(max_norm):
         return u
     norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
-    factor = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), 1.0)
-    return u * factor
+    # min(1, R / ||u||): exactly 1 for rows within the bound (zero rows included).
+    return u * (max_norm / norms.clamp_min(1e-30)).clamp_max(1.0)
 
 
 def batch_statistics(m: Tensor, w: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
@@ -319,9 +319,10 @@ def private_statistics(
         return total if all_reduce is None else all_reduce(total)
 
     mean = center + scale * noised_sum((m - center) / scale, clip_norm) / size
-    centred = (w + (m - groups.per_sample(mean)) ** 2) / scale**2
-    var = scale**2 * noised_sum(centred, var_clip_norm) / size
-    var = torch.maximum(var, var_floor * scale**2)
+    scale_sq = scale * scale
+    centred = (w + (m - groups.per_sample(mean)) ** 2) / scale_sq
+    var = scale_sq * noised_sum(centred, var_clip_norm) / size
+    var = torch.maximum(var, var_floor * scale_sq)
     return PrivateStatistics(mean=mean, var=var, groups=groups)
 
 
