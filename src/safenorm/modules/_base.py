@@ -38,8 +38,9 @@ class SafeBatchNormBase(nn.Module):
     check_statistics: ClassVar[bool] = True
     #: On CUDA, restore the buffers on the device and raise at the layer's next forward, so the
     #: check never makes the host wait for the GPU (the step in between may already have applied
-    #: non-finite gradients). ``False``: check at once, with one host sync per forward. Inside a
-    #: CUDA graph capture the buffers are restored on the device and nothing is raised.
+    #: non-finite gradients). ``False``: check at once, with one host sync per forward. Inside
+    #: ``torch.compile`` or a CUDA graph capture the buffers are restored on the device and nothing
+    #: is raised.
     defer_statistics_check: ClassVar[bool] = True
 
     num_features: int
@@ -243,11 +244,14 @@ class SafeBatchNormBase(nn.Module):
         before = [b.clone() for b in buffers]
         output = self._batch_forward(input)
         finite = torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
-        capturing = input.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing or self._defers_check(input):
+        # Compiled graphs and CUDA graph replays have no host side to report from.
+        in_graph = torch.compiler.is_compiling() or (
+            input.is_cuda and torch.cuda.is_current_stream_capturing()
+        )
+        if in_graph or self._defers_check(input):
             for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(torch.where(finite, buffer, saved))
-            if not capturing:  # a CUDA graph's replays have no host side to report from
+            if not in_graph:
                 self._pending_check = _DeferredCheck(finite)
             return output
         if not bool(finite):
