@@ -326,6 +326,27 @@ def _opcheck_cases():
     ]  # fmt: skip
 
 
+def test_opcheck_fused_batch_norm(monkeypatch):
+    """The fused ops (Triton only): schema, autograd registration, fake tensors."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(ops, "_backend", "triton")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 2, 3, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.rand(3, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    b = torch.randn(3, generator=g).to(DEVICE).requires_grad_()
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in ((x, w, b, rm, rv, 0.1, 1e-5, 3), (x, None, None, None, None, 0.1, 1e-5, 0)):
+        torch.library.opcheck(torch.ops.safenorm.fused_batch_norm.default, args, test_utils=tests)
+    y, mean, rstd, scale, _, _ = torch.ops.safenorm.fused_batch_norm(x, w, b, rm, rv, 0.1, 1e-5, 3)
+    dy = torch.randn_like(y)
+    backward_args = (dy, x.detach(), mean, rstd, scale, 3)
+    torch.library.opcheck(
+        torch.ops.safenorm.fused_batch_norm_backward.default, backward_args, test_utils=tests
+    )
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_opcheck(impl, monkeypatch):
     if impl == "triton":

@@ -77,3 +77,33 @@ def test_compiled_layer_restores_buffers_after_non_finite_statistics():
     after = layer.running_mean, layer.running_var, layer.num_batches_tracked
     for before, now in zip(saved, after, strict=True):
         assert torch.equal(before, now)
+
+
+def test_compiled_ghost_layer_with_the_fused_kernels_matches_eager(monkeypatch):
+    """Compiled with the Triton backend (interpreter on CPU), ghost BN runs the fused op."""
+    pytest.importorskip("triton")
+    from safenorm.kernels import batch_norm
+
+    from safenorm import ops
+
+    calls = []
+    forward = batch_norm.batch_norm_forward
+    monkeypatch.setattr(
+        batch_norm, "batch_norm_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
+    layer = safenorm.GhostBatchNorm2d(4, ghost_batch_size=4)
+    eager = _model(layer)
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    with ops.use_backend("triton"):
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        for step in range(2):
+            y = _step(compiled, x, seed=step)
+            with ops.use_backend("torch"):
+                y_ref = _step(eager, x, seed=step)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for (name, p_ref), p in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=name)
+    for (name, b_ref), b in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-6, msg=name)
+    assert len(calls) == 2  # one fused forward per compiled step

@@ -567,55 +567,134 @@ class _BatchNormTrain(torch.autograd.Function):
         return _batch_norm_train_grads(_EAGER_BLOCKS, ctx, dy)
 
 
-class _FusedBatchNorm(torch.autograd.Function):
-    """Ghost BN without clipping (``nn.BatchNorm``'s math per group) in five launches (eager).
+def _fused_kernels() -> Any:
+    modules = _kernel_modules()
+    if modules is None:
+        raise RuntimeError(
+            "safenorm's fused batch norm needs Triton (pip install safenorm[triton])"
+        )
+    return modules[2]
 
-    :mod:`safenorm.kernels.batch_norm` folds the combine of the statistics, the affine
-    coefficients and the running update into one kernel each way; the buffers are updated in
-    place by the forward launch.
+
+@torch.library.custom_op("safenorm::fused_batch_norm", mutates_args=())
+def _fused_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    group_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Ghost BN without clipping by :mod:`safenorm.kernels.batch_norm` (Triton only).
+
+    Returns ``(y, mean, rstd, scale, new_running_mean, new_running_var)``: ``mean``, ``rstd``,
+    ``scale`` ``(G, C)`` fp32; the updated running statistics as new tensors (empty without
+    running buffers), since an op with a gradient formula may not mutate its inputs. None but
+    ``y`` is differentiable; ``group_size <= 0`` means one group.
     """
+    new_mean, new_var = (
+        (running_mean.clone(), running_var.clone())
+        if running_mean is not None and running_var is not None
+        else (x.new_empty(0), x.new_empty(0))
+    )
+    update = new_mean.numel() > 0
+    outputs = _fused_kernels().batch_norm_forward(
+        x,
+        weight,
+        bias,
+        eps,
+        new_mean if update else None,
+        new_var if update else None,
+        momentum,
+        group_size=group_size,
+    )
+    return (*outputs, new_mean, new_var)
+
+
+@_fused_batch_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps, group_size):
+    stat = x.new_empty((_group_count(x.shape[0], group_size), x.shape[1]), dtype=torch.float32)
+    running = (
+        (torch.empty_like(running_mean), torch.empty_like(running_var))
+        if running_mean is not None and running_var is not None
+        else (x.new_empty(0), x.new_empty(0))
+    )
+    return torch.empty_like(x), stat, torch.empty_like(stat), torch.empty_like(stat), *running
+
+
+def _fused_backward_impl(
+    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, group_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _fused_kernels().batch_norm_backward(dy, x, mean, rstd, scale, group_size=group_size)
+
+
+@torch.library.custom_op("safenorm::fused_batch_norm_backward", mutates_args=())
+def _fused_batch_norm_backward(
+    grad_output: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, group_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`_fused_batch_norm` (Triton only)."""
+    return _fused_backward_impl(grad_output, x, mean, rstd, scale, group_size)
+
+
+@_fused_batch_norm_backward.register_fake
+def _(grad_output, x, mean, rstd, scale, group_size):
+    channel = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return torch.empty_like(x), channel, torch.empty_like(channel)
+
+
+def _fused_batch_norm_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, *_, group_size = inputs
+    _, mean, rstd, scale, *running = output
+    ctx.save_for_backward(x, mean, rstd, scale)
+    ctx.group_size = group_size
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, rstd, scale, *running)
+
+
+def _fused_batch_norm_grads(backward: Callable[..., tuple], ctx: Any, dy: Tensor) -> tuple:
+    x, mean, rstd, scale = ctx.saved_tensors
+    dx, dweight, dbias = backward(dy, x, mean, rstd, scale, ctx.group_size)
+    dweight = None if ctx.weight_dtype is None else dweight.to(ctx.weight_dtype)
+    dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+    return dx, dweight, dbias, None, None, None, None, None
+
+
+def _fused_batch_norm_backward_formula(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
+    return _fused_batch_norm_grads(_fused_batch_norm_backward, ctx, dy)
+
+
+torch.library.register_autograd(
+    "safenorm::fused_batch_norm",
+    _fused_batch_norm_backward_formula,
+    setup_context=_fused_batch_norm_setup,
+)
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """Eager twin of ``safenorm::fused_batch_norm``: ghost BN without clipping (``nn.BatchNorm``'s
+    math per group) in five launches. :mod:`safenorm.kernels.batch_norm` folds the combine of the
+    statistics, the affine coefficients and the running update into one kernel each way."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        momentum: float,
-        eps: float,
-        group_size: int,
-    ) -> Tensor:
-        y, mean, rstd, scale = _kernel_modules()[2].batch_norm_forward(
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x, weight, bias, running_mean, running_var, momentum, eps, group_size = inputs
+        output = _fused_kernels().batch_norm_forward(
             x, weight, bias, eps, running_mean, running_var, momentum, group_size=group_size
         )
-        ctx.save_for_backward(x, mean, rstd, scale)
-        ctx.group_size = group_size
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        _fused_batch_norm_setup(ctx, inputs, output)
+        return output
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple:
-        x, mean, rstd, scale = ctx.saved_tensors
-        dx, dweight, dbias = _kernel_modules()[2].batch_norm_backward(
-            dy, x, mean, rstd, scale, group_size=ctx.group_size
-        )
-        dweight = None if ctx.weight_dtype is None else dweight.to(ctx.weight_dtype)
-        dbias = None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None, None, None
+    def backward(ctx: Any, dy: Tensor, *unused: Tensor) -> tuple:
+        return _fused_batch_norm_grads(_fused_backward_impl, ctx, dy)
 
 
 def _fuses_batch_norm(x: Tensor, clipped: bool, detach: bool) -> bool:
-    """Whether the eager layer can run :class:`_FusedBatchNorm` (plain group statistics)."""
-    return (
-        not clipped
-        and not detach
-        and x.numel() > 0
-        and _use_kernels(x)
-        and not torch.compiler.is_compiling()
-    )
+    """Whether the layer can run the fused kernels (plain group statistics, Triton on ``x``)."""
+    return not clipped and not detach and x.numel() > 0 and _use_kernels(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,7 +826,7 @@ def _batch_norm_train_layer(
     ghost = 0 if ghost_batch_size is None else int(ghost_batch_size)
     if _fuses_batch_norm(input, clipped, detach_statistics):
         update = running_mean is not None and running_var is not None
-        return _FusedBatchNorm.apply(
+        args = (
             input,
             weight,
             bias,
@@ -757,6 +836,14 @@ def _batch_norm_train_layer(
             float(eps),
             ghost,
         )
+        if not torch.compiler.is_compiling():
+            return _FusedBatchNorm.apply(*args)[0]  # updates the buffers in place
+        y, _, _, _, new_mean, new_var = _fused_batch_norm(*args)
+        if update:
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+        return y
     compiling = torch.compiler.is_compiling()
     train = _batch_norm_train if compiling else _BatchNormTrain.apply
     y, mean, var, _, _ = train(
