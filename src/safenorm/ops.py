@@ -1,41 +1,50 @@
-"""Dispatch of the safenorm layer functions to fused Triton kernels through ``torch.library``.
+"""Dispatch of the safenorm layer functions to fused Triton kernels.
 
 The functions here have the signatures of their namesakes in :mod:`safenorm.functional`
 (:func:`ghost_batch_norm`, :func:`clipped_batch_norm`, :func:`dp_batch_norm`,
 :func:`dp_release`, :func:`frozen_normalize`) and compute the same thing. Under
 ``torch.compile`` they run as ``torch.library`` custom ops (``torch.ops.safenorm.*``); eager
 code runs the same implementations through plain ``torch.autograd.Function`` twins, because a
-custom op's Python dispatch costs more CPU time per call than the kernels take on a GPU:
+custom op's Python dispatch costs more host time per call than the kernels take on a GPU.
 
-* stage 1, per-(sample, channel) moments: ``safenorm::moments`` (``kernels/moments.py``);
-* stage 2, the tiny per-channel combine (ghost groups, clipping, noise, running update): plain
-  PyTorch on ``(N, C)`` tensors, by the helpers of :mod:`safenorm.functional`;
-* stage 3, normalize + affine and its backward: ``safenorm::batch_norm_train`` (statistics that
-  depend on the batch, gradients through them), ``safenorm::normalize`` (frozen statistics, DP),
-  ``safenorm::affine_grad_sums`` (per-sample affine gradients, fused in the backward),
-  ``safenorm::normalize_backward``, ``safenorm::frozen_normalize_backward``;
-* ``safenorm::running_update`` mutates the running buffers (``mutates_args``).
+* Ghost BN without clipping (one group or consecutive groups; ``nn.BatchNorm``'s math per group):
+  ``safenorm::fused_batch_norm`` and its backward, five Triton launches per training step in
+  all (``kernels/batch_norm.py``: the per-channel combine, affine coefficients and running
+  update are one kernel each way).
+* Clipped statistics, in three stages:
 
-Every op has a PyTorch implementation (CPU and any device; the reference math) and a Triton one
-registered for CUDA, plus fake (meta) implementations and autograd formulas, so
+  * stage 1, per-(sample, channel) moments: ``safenorm::moments`` (``kernels/moments.py``);
+  * stage 2, the per-channel combine (ghost groups, clipping, running update): PyTorch on
+    ``(N, C)`` tensors, by the helpers of :mod:`safenorm.functional`;
+  * stage 3, normalize + affine and its backward: ``safenorm::batch_norm_train`` (gradients
+    through the statistics), with ``safenorm::affine_grad_sums`` and
+    ``safenorm::normalize_backward`` in its backward.
+
+* DP: stage 1 as above, the release by :mod:`safenorm.functional` (``safenorm::dp_statistics``
+  when compiled: the noise comes from the global generator at run time), then
+  ``safenorm::normalize`` (frozen statistics) whose backward ``safenorm::frozen_normalize_backward``
+  writes ``dx`` and the per-sample affine gradients in one pass. ``safenorm::running_update``
+  mutates the running buffers (``mutates_args``).
+
+The ops of the three-stage paths have a PyTorch implementation too (CPU and any device; the
+reference math); every op has a fake (meta) implementation and an autograd formula, so
 ``torch.compile(fullgraph=True)`` captures the layers whole.
 
 Backend selection (:func:`set_backend`, or the environment variable ``SAFENORM_BACKEND``):
 
-* ``"auto"`` (default): the custom ops on CUDA tensors when Triton is installed (float64 stays on
+* ``"auto"`` (default): these paths on CUDA tensors when Triton is installed (float64 stays on
   PyTorch) and whenever ``torch.compile`` is tracing; otherwise (eager CPU) the functions of
   :mod:`safenorm.functional` directly.
 * ``"torch"``: always :mod:`safenorm.functional` (the reference; nothing here is used).
-* ``"triton"``: always the custom ops with the Triton kernels; on CPU only under
+* ``"triton"``: always these paths with the Triton kernels; on CPU only under
   ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests).
 
 Multi-process statistics (``all_reduce``) always take the :mod:`safenorm.functional` path.
 
-The backward of statistics that depend on the batch is two passes over ``(x, dy)``: the first
-gives the per-sample sums ``sum_s dy * xhat`` and ``sum_s dy`` (the per-sample affine
-gradients), the tiny stage-2 backward runs in closed form (ghost BN) or by ``torch.func.vjp``
-through the very functions of :mod:`safenorm.functional` that made the statistics (clipped), and
-the second writes ``dx``. With frozen
+The backward of clipped statistics is two passes over ``(x, dy)``: the first gives the
+per-sample sums ``sum_s dy * xhat`` and ``sum_s dy`` (the per-sample affine gradients), the
+stage-2 backward runs by ``torch.func.vjp`` through the very functions of
+:mod:`safenorm.functional` that made the statistics, and the second writes ``dx``. With frozen
 statistics one pass does both.
 """
 
