@@ -550,6 +550,10 @@ def ghost_batch_norm(
     n = input.shape[0]
     if not training or ghost_batch_size is None or ghost_batch_size >= n:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if ghost_batch_size >= 1 and ((n - 1) % ghost_batch_size + 1) * spatial_size(input) > 1:
+        return _ghost_batch_norm_per_group(
+            input, running_mean, running_var, weight, bias, momentum, eps, ghost_batch_size
+        )
     m, w = per_sample_moments(input)
     groups = consecutive_groups(n, ghost_batch_size, input.device)
     mean, var = batch_statistics(m, w, groups)
@@ -558,6 +562,44 @@ def ghost_batch_norm(
             running_mean, running_var, mean, var, groups.size, spatial_size(input), momentum
         )
     return normalize(input, groups.per_sample(mean), groups.per_sample(var), weight, bias, eps)
+
+
+def _ghost_batch_norm_per_group(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    ghost_batch_size: int,
+) -> Tensor:
+    """:func:`ghost_batch_norm` as one native batch norm per group (its fused kernels are much
+    faster than per-sample moments, in channels-last above all). Each group's mean and unbiased
+    variance come out of the same call, in scratch buffers with momentum 1; every group must
+    have more than one value per channel."""
+    track = running_mean is not None and running_var is not None
+    chunks = input.split(ghost_batch_size)
+    outputs, means, unbiased = [], [], []
+    for chunk in chunks:
+        scratch = (
+            (torch.zeros_like(running_mean), torch.ones_like(running_var))
+            if track
+            else (None, None)
+        )
+        outputs.append(F.batch_norm(chunk, *scratch, weight, bias, True, 1.0, eps))
+        if track:
+            means.append(scratch[0])
+            unbiased.append(scratch[1])
+    if track:
+        spatial = spatial_size(input)
+        sizes = torch.tensor([float(chunk.shape[0]) for chunk in chunks], device=means[0].device)
+        values = sizes.unsqueeze(1) * spatial
+        var = torch.stack(unbiased) * (values - 1) / values  # back to each group's biased var
+        pooled_running_update(
+            running_mean, running_var, torch.stack(means), var, sizes, spatial, momentum
+        )
+    return torch.cat(outputs)
 
 
 def clipped_batch_norm(
