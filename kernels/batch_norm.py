@@ -123,12 +123,12 @@ def _statistics_kernel(
         tl.store(rstd_ptr + out, rstd, mask=c_mask)
         tl.store(scale_ptr + out, scale, mask=c_mask)
         tl.store(shift_ptr + out, shift, mask=c_mask)
-        values = (count * M).to(tl.float32)
+        values = count.to(tl.float32) * M  # in fp32: N * M can pass 2^31
         weighted_mean += values * mean
         weighted_var += values * var
         dof += tl.maximum(values - 1.0, 0.0)
     if UPDATE_RUNNING:
-        total = (N * M).to(tl.float32)
+        total = N * 1.0 * M
         batch_mean = weighted_mean / total
         # With a single value per channel in all there is no degree of freedom: keep it biased.
         batch_var = weighted_var / tl.where(dof > 0, dof, total)
@@ -190,7 +190,7 @@ def _statistics_backward_kernel(
                 acc_dy += tl.load(sdy_ptr + row + split, mask=mask, other=0.0)
         total_dyx = tl.sum(acc_dyx, axis=0)
         total_dy = tl.sum(acc_dy, axis=0)
-        count = ((group_end - group_start) * M).to(tl.float32)
+        count = (group_end - group_start).to(tl.float32) * M
         out = (group_start // GROUP_SIZE) * C + c
         scale = tl.load(scale_ptr + out, mask=c_mask, other=0.0)
         rstd = tl.load(rstd_ptr + out, mask=c_mask, other=0.0)
