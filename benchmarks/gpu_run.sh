@@ -4,7 +4,7 @@
 # Writes $OUT/gpu_run.json, $OUT/dp_sgd_cuda.{json,md} and $OUT/gpu_run.log
 # (OUT defaults to benchmarks/results).
 #
-# A machine without opacus takes its wheel from .whl/ (see benchmarks/README.md); the package
+# A machine without opacus takes its wheel from .whl/ (benchmarks/README.md); the package
 # itself is installed with --no-deps, so the machine's own torch and triton are the ones measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
