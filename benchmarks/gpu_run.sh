@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 check in one command (about 6 minutes): the kernel and op tests on the GPU, the layer
 # benchmarks against cuDNN, then the DP-SGD step against Opacus' GroupNorm fix.
-# Writes $OUT/gpu_run.json, $OUT/dp_sgd_cuda.{json,md} and $OUT/gpu_run.log
+# Writes $OUT/gpu_run.json, $OUT/gpu_tests.log, $OUT/dp_sgd_cuda.{json,md} and $OUT/gpu_run.log
 # (OUT defaults to benchmarks/results).
 #
 # A machine without opacus takes its wheel from .whl/ (benchmarks/README.md); the package
