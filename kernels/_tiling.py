@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 from torch import Tensor
 
-__all__ = ["Tiling", "as_3d", "tiling"]
+__all__ = ["Tiling", "as_3d", "autotuned", "tiling"]
 
 # Elements of x one program holds per loop step: 4096 fp32 values = 16 KiB of registers across
 # 4 warps (32 per thread), enough loads in flight to saturate HBM without spilling.
@@ -129,3 +130,17 @@ def tiling(
     blocks_per_split = triton.cdiv(m_blocks, num_splits)
     splits = triton.cdiv(m_blocks, blocks_per_split)
     return Tiling(block_c, block_m, splits, blocks_per_split * block_m)
+
+
+def autotuned(fn):
+    """Time the streaming kernels with 2, 4 and 8 warps on first use of each tile and channel /
+    spatial size (not the batch size, which Poisson sampling varies), and keep the fastest.
+
+    The launchers fix the tile, so every candidate computes the same thing; the kernels write
+    only their outputs, so the extra runs are harmless. Under the interpreter (tests on CPU,
+    where no GPU timer exists) there is one candidate.
+    """
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    warps = (4,) if interpreting else (2, 4, 8)
+    configs = [triton.Config({}, num_warps=w) for w in warps]
+    return triton.autotune(configs=configs, key=["C", "M", "BLOCK_C", "BLOCK_M"])(fn)

@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._tiling import as_3d, tiling
+from ._tiling import as_3d, autotuned, tiling
 
 __all__ = ["moments_forward", "moments_partials"]
 
 
+@autotuned
 @triton.jit
 def _moments_forward_kernel(
     x_ptr,  # (N, C, M) input, any float dtype, strided

@@ -28,11 +28,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._tiling import as_3d, tiling
+from ._tiling import as_3d, autotuned, tiling
 
 __all__ = ["normalize_backward", "normalize_forward"]
 
 
+@autotuned
 @triton.jit
 def _normalize_forward_kernel(
     x_ptr,  # (N, C, M) input, strided
@@ -85,6 +86,7 @@ def _normalize_forward_kernel(
         tl.store(y_row[:, None] + m[None, :] * y_stride_m, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@autotuned
 @triton.jit
 def _normalize_backward_kernel(
     dy_ptr,  # (N, C, M) upstream gradient, strided

@@ -588,6 +588,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         output = _batch_norm_train_impl(*inputs, make_groups=_eager_groups)
         _batch_norm_train_setup(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
         return output
 
     @staticmethod
@@ -713,6 +714,7 @@ class _FusedBatchNorm(torch.autograd.Function):
             x, weight, bias, eps, running_mean, running_var, momentum, group_size=group_size
         )
         _fused_batch_norm_setup(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
         return output
 
     @staticmethod
