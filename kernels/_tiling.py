@@ -132,15 +132,21 @@ def tiling(
     return Tiling(block_c, block_m, splits, blocks_per_split * block_m)
 
 
-def autotuned(fn):
+AUTOTUNE_WARPS = (2, 4, 8)
+AUTOTUNE_KEY = ["C", "M", "BLOCK_C", "BLOCK_M"]
+
+
+def autotuned(fn, *, warps: tuple[int, ...] | None = None, do_bench=None):
     """Time the streaming kernels with 2, 4 and 8 warps on first use of each tile and channel /
     spatial size (not the batch size, which Poisson sampling varies), and keep the fastest.
 
     The launchers fix the tile, so every candidate computes the same thing; the kernels write
     only their outputs, so the extra runs are harmless. Under the interpreter (tests on CPU,
-    where no GPU timer exists) there is one candidate.
+    where no GPU timer exists) there is one candidate unless ``warps`` and a ``do_bench`` timer
+    are given.
     """
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    warps = (4,) if interpreting else (2, 4, 8)
+    if warps is None:
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        warps = (4,) if interpreting else AUTOTUNE_WARPS
     configs = [triton.Config({}, num_warps=w) for w in warps]
-    return triton.autotune(configs=configs, key=["C", "M", "BLOCK_C", "BLOCK_M"])(fn)
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, do_bench=do_bench)(fn)
