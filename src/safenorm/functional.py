@@ -801,6 +801,7 @@ def dp_release(
     secure_mode: bool = False,
     all_reduce: AllReduce | None = None,
     add_noise: bool = True,
+    moments: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Release DP statistics of ``input``, update the running buffers from them, and return the
     (detached) statistics to normalize with.
@@ -809,6 +810,8 @@ def dp_release(
         input, clip_norm, var_clip_norm, noise_multiplier, denominator, ghost_batch_size,
             reference, var_floor, generator, secure_mode, all_reduce, add_noise: see
             :func:`dp_statistics`.
+        moments: ``input``'s per-sample moments ``(m, w)`` if already computed (e.g. by a
+            kernel); else :func:`per_sample_moments`.
         running_mean, running_var: ``(C,)`` buffers updated in place from the released values
             only, or ``None``.
         momentum: weight of the new statistics in the running update.
@@ -819,8 +822,11 @@ def dp_release(
         ``(mean, var)``: ``(C,)`` per-channel, or ``(N, C)`` per-sample with ghost groups under
         ``normalize_with="batch"``; biased variance, detached.
     """
-    stats = dp_statistics(
-        input,
+    if moments is None:
+        with torch.no_grad():
+            moments = per_sample_moments(input)
+    stats = dp_statistics_from_moments(
+        *moments,
         clip_norm=clip_norm,
         var_clip_norm=var_clip_norm,
         noise_multiplier=noise_multiplier,
@@ -833,15 +839,26 @@ def dp_release(
         all_reduce=all_reduce,
         add_noise=add_noise,
     )
+    return _update_and_choose(
+        stats, running_mean, running_var, momentum, denominator, spatial_size(input), normalize_with
+    )
+
+
+def _update_and_choose(
+    stats: PrivateStatistics,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    denominator: float,
+    spatial: int,
+    normalize_with: str,
+) -> tuple[Tensor, Tensor]:
+    """The running update from a release, then the statistics to normalize with."""
     if running_mean is not None and running_var is not None:
+        # One group's size is the public denominator, a host number: the short update.
+        size = float(denominator) if stats.groups.count == 1 else stats.groups.size
         pooled_running_update(
-            running_mean,
-            running_var,
-            stats.mean,
-            stats.var,
-            stats.groups.size,
-            spatial_size(input),
-            momentum,
+            running_mean, running_var, stats.mean, stats.var, size, spatial, momentum
         )
     return statistics_to_normalize_with(stats, running_mean, running_var, normalize_with)
 

@@ -1071,7 +1071,13 @@ def dp_release(
     The clipping, noise (host-side, ``2 C`` numbers per group) and group draw are those of
     :mod:`safenorm.functional`, with the same generator calls in the same order.
     """
-    if all_reduce is not None or not _dispatch(input):
+    dispatch = all_reduce is None and _dispatch(input)
+    compiling = torch.compiler.is_compiling()
+    if not dispatch or not compiling or generator is not None:
+        moments = None
+        if dispatch:
+            with torch.no_grad():
+                moments = (_moments if compiling else _moments_impl)(input.detach())
         return SF.dp_release(
             input,
             running_mean,
@@ -1089,52 +1095,33 @@ def dp_release(
             secure_mode=secure_mode,
             all_reduce=all_reduce,
             add_noise=add_noise,
+            moments=moments,
         )
+    # Compiled, global generator: the release is one op (opaque to torch.compile), so compiled
+    # code draws the noise at run time as eager code does.
     reference = reference or SF.ClipReference()
-    compiling = torch.compiler.is_compiling()
     with torch.no_grad():
-        m, w = (_moments if compiling else _moments_impl)(input.detach())
-        if generator is None and compiling:
-            # One op (opaque to torch.compile): compiled code then draws the noise from torch's
-            # global generator at run time, as the eager branch below does.
-            mean, var, index, size = _dp_statistics(
-                m,
-                w,
-                reference.center,
-                reference.scale,
-                float(clip_norm),
-                float(var_clip_norm),
-                float(noise_multiplier),
-                float(denominator),
-                0 if ghost_batch_size is None else int(ghost_batch_size),
-                float(var_floor),
-                secure_mode,
-                add_noise,
-            )
-            stats = SF.PrivateStatistics(mean, var, SF.Groups(index=index, size=size))
-        else:
-            stats = SF.dp_statistics_from_moments(
-                m,
-                w,
-                clip_norm=clip_norm,
-                var_clip_norm=var_clip_norm,
-                noise_multiplier=noise_multiplier,
-                denominator=denominator,
-                ghost_batch_size=ghost_batch_size,
-                reference=reference,
-                var_floor=var_floor,
-                generator=generator,
-                secure_mode=secure_mode,
-                add_noise=add_noise,
-            )
+        mean, var, index, size = _dp_statistics(
+            *_moments(input.detach()),
+            reference.center,
+            reference.scale,
+            float(clip_norm),
+            float(var_clip_norm),
+            float(noise_multiplier),
+            float(denominator),
+            0 if ghost_batch_size is None else int(ghost_batch_size),
+            float(var_floor),
+            secure_mode,
+            add_noise,
+        )
+    stats = SF.PrivateStatistics(mean, var, SF.Groups(index=index, size=size))
     if running_mean is not None and running_var is not None:
-        _update_running(
+        _running_update(
             running_mean,
             running_var,
-            stats.mean,
-            stats.var,
-            stats.groups,
-            float(denominator),
+            mean,
+            var,
+            size,
             math.prod(input.shape[2:]),
             float(momentum),
         )
