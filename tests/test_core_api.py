@@ -131,8 +131,8 @@ def test_converted_layer_errors_carry_the_model_path():
         model(torch.randn(2, 4, 3, 3))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_non_finite_input_raises_and_keeps_the_buffers(family):
+def test_non_finite_input_raises_and_keeps_the_buffers():
+    family = "GhostBatchNorm"  # clipped and DP layers give a non-finite sample zero weight
     layer = getattr(safenorm, f"{family}2d")(3, **_public(family))
     layer(torch.randn(4, 3, 2, 2))
     saved = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -144,11 +144,11 @@ def test_non_finite_input_raises_and_keeps_the_buffers(family):
         assert torch.equal(value, saved[key]), key
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["GhostBatchNorm", "ClippedBatchNorm"])
 def test_deferred_finite_check_restores_now_and_raises_at_the_next_forward(family, monkeypatch):
     """The CUDA guard (forced here on CPU): no host sync, buffers kept, error one forward late."""
     monkeypatch.setattr(safenorm.SafeBatchNormBase, "_defers_check", lambda self, x: True)
-    layer = getattr(safenorm, f"{family}2d")(3, **_public(family))
+    layer = getattr(safenorm, f"{family}2d")(3, **_unclipped(family))
     layer(torch.randn(4, 3, 2, 2))
     saved = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(4, 3, 2, 2)
@@ -167,6 +167,11 @@ def test_deferred_finite_check_restores_now_and_raises_at_the_next_forward(famil
 
 def _public(family: str) -> dict:
     return {"expected_batch_size": 4} if family == "DPBatchNorm" else {}
+
+
+def _unclipped(family: str) -> dict:
+    # Clipping gives a non-finite sample zero weight; unclipped statistics propagate a NaN.
+    return {"clip_norm": math.inf, "var_clip_norm": math.inf} if family != "GhostBatchNorm" else {}
 
 
 @pytest.mark.parametrize("family", ["GhostBatchNorm", "ClippedBatchNorm"])

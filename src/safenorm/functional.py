@@ -198,12 +198,26 @@ def random_groups(
 
 
 def clip_rows(u: Tensor, max_norm: float) -> Tensor:
-    """``clip(u_i, R) = u_i * min(1, R / ||u_i||_2)`` for every row ``u_i`` of ``(N, C)`` ``u``."""
+    """``clip(u_i, R) = u_i * min(1, R / ||u_i||_2)`` for every row ``u_i`` of ``(N, C)`` ``u``.
+
+    Overflow-safe: the norm of each row is taken after dividing the row by its largest absolute
+    value, so a finite row clips correctly even when ``||u_i||^2`` (or ``||u_i||``) overflows its
+    dtype. A row with a non-finite entry (NaN, or a moment that overflowed upstream) contributes
+    zero: whatever one sample's values, its contribution has norm at most ``R`` and depends on that
+    sample only, so no input can make a release non-finite (docs/PRIVACY.md).
+    """
     if math.isinf(max_norm):
         return u
-    norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
-    # min(1, R / ||u||): exactly 1 for rows within the bound (zero rows included).
-    return u * (max_norm / norms.clamp_min(1e-30)).clamp_max(1.0)
+    finite = torch.isfinite(u).all(dim=1, keepdim=True)
+    u = torch.where(finite, u, torch.zeros_like(u))  # before any arithmetic: no NaN gradients
+    peak = u.abs().amax(dim=1, keepdim=True)
+    # Rows scaled into [-1, 1] (zero rows stay zero); ||u|| = peak * ||unit||, which may overflow
+    # to inf: the comparison below is still right, and the clipped row is formed from ``unit``.
+    unit = u / torch.where(peak > 0, peak, torch.ones_like(peak))
+    unit_norms = torch.linalg.vector_norm(unit, dim=1, keepdim=True)
+    clipped = unit * (max_norm / unit_norms.clamp_min(1e-30))
+    # Rows within the bound (zero rows included) are returned exactly.
+    return torch.where(peak * unit_norms > max_norm, clipped, u)
 
 
 def batch_statistics(m: Tensor, w: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
