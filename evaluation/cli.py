@@ -17,6 +17,7 @@ from safenorm.evaluation.data import DATASETS
 from safenorm.evaluation.harness import LOGGER, Harness, merge_outputs, parse_shard
 from safenorm.evaluation.models import MODELS
 from safenorm.evaluation.report import write_report
+from safenorm.evaluation.training import DivergenceError
 from safenorm.evaluation.variants import VARIANTS
 
 __all__ = ["build_parser", "main"]
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", help="i/n: train only models with index %% n == i")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-plots", action="store_true")
+    run.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first diverged model (default: record it as diverged, leave it out "
+        "of the attacks and go on)",
+    )
 
     rep = sub.add_parser("report", help="analyse the cache of an output directory again")
     rep.add_argument("--out", type=Path, required=True)
@@ -175,9 +182,8 @@ def _report(harness: Harness, plots: bool) -> Path | None:
         if v not in harness.unavailable() and harness.missing(v)
     }
     results = harness.analyze()
-    path = write_report(
-        harness.out, harness.config, results, harness.unavailable(), incomplete, plots=plots
-    )
+    skipped = {**harness.unavailable(), **harness.too_few_converged()}
+    path = write_report(harness.out, harness.config, results, skipped, incomplete, plots=plots)
     LOGGER.info("report written to %s", path)
     return path
 
@@ -196,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     _setup_logging(args.out)
     (args.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    harness = Harness(config, args.out, progress=not args.no_progress)
+    harness = Harness(config, args.out, progress=not args.no_progress, fail_fast=args.fail_fast)
     for name, reason in harness.unavailable().items():
         print(
             f"safenorm-eval: variant {name} is unavailable and skipped: {reason}", file=sys.stderr
@@ -281,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (KeyError, ValueError, FileNotFoundError) as err:
+    except (KeyError, ValueError, FileNotFoundError, DivergenceError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"safenorm-eval: error: {message}", file=sys.stderr)
         return 2

@@ -118,14 +118,20 @@ class VariantOptions:
 
     Attributes:
         ghost_batch_size: group size of the ``ghost`` variant.
-        clip_norm, var_clip_norm: bounds of the ``clipped`` variant (``None``: layer defaults).
-        groupnorm_groups: groups of the ``groupnorm`` variant (``min(groups, C)``; 32 as Opacus).
+        clip_norm, var_clip_norm: bounds of the ``clipped`` variant (``None``: the layer
+            defaults, ``2 sqrt(C)`` and ``4 sqrt(C)``).
+        clip_scale: factor on both bounds of the ``clipped`` variant (the frontier sweep's
+            ``clipped@0.5`` is half the bounds).
+        groupnorm_channels_per_group: channels in each group of the ``groupnorm`` variant
+            (the rule for layers not divisible by it: :func:`~safenorm.evaluation.variants.
+            groupnorm_groups`); 1 would be InstanceNorm, which is its own variant.
     """
 
     ghost_batch_size: int = 16
     clip_norm: float | None = None
     var_clip_norm: float | None = None
-    groupnorm_groups: int = 32
+    clip_scale: float = 1.0
+    groupnorm_channels_per_group: int = 4
 
 
 @dataclass
@@ -183,7 +189,12 @@ class EvalConfig:
 
     Attributes:
         profile: the profile it came from (informational).
-        seed: master seed: membership masks, model initialisations, data order, noise.
+        seed: master seed: split, canaries, membership masks, model initialisations, data
+            order, noise.
+        seeds: repeat the whole protocol over these master seeds (empty: ``seed`` only); a
+            multi-seed run is a :class:`~safenorm.evaluation.study.Study` reporting means with
+            intervals over seeds and paired differences to ``bn``.
+        models: repeat it over these registered models too (empty: ``model`` only).
         variants: registered variant names, in report order (``bn`` is the reference).
         num_models: models per variant; each is the target once, the others its shadows.
         model: a registered model name (``auto``: ``small-cnn`` for 8x8 inputs, else ``resnet``).
@@ -194,13 +205,17 @@ class EvalConfig:
 
     profile: str = "custom"
     seed: int = 0
+    seeds: tuple[int, ...] = ()
+    models: tuple[str, ...] = ()
     variants: tuple[str, ...] = (
         "bn",
         "ghost",
         "clipped",
         "dp",
-        "dp-groupnorm",
+        "opacus-fix",
         "groupnorm",
+        "instancenorm",
+        "layernorm",
         "none",
     )
     num_models: int = 16
@@ -228,10 +243,20 @@ class EvalConfig:
         """Hash of everything that determines the trained models and their scores.
 
         Excludes ``num_models`` (adding models reuses the cached ones), the variant list, the
-        attack settings (recomputed from the raw scores), ``device`` and ``threads``.
+        attack settings (recomputed from the raw scores), ``device``, ``threads`` and the
+        multi-seed lists (a cell of a study has its own ``seed`` and ``model``).
         """
         d = self.to_dict()
-        for k in ("profile", "variants", "num_models", "device", "threads", "attacks"):
+        for k in (
+            "profile",
+            "variants",
+            "num_models",
+            "device",
+            "threads",
+            "attacks",
+            "seeds",
+            "models",
+        ):
             d.pop(k)
         d["variant"] = variant
         blob = json.dumps(d, sort_keys=True).encode()
@@ -260,8 +285,9 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 def _parse_value(text: str, current: Any) -> Any:
     if isinstance(current, tuple):
         items = [t for t in text.split(",") if t]
-        kind = type(current[0]) if current else str
-        return tuple(kind(t) for t in items)
+        if current:
+            return tuple(type(current[0])(t) for t in items)
+        return tuple(_scalar(t) for t in items)  # an empty default: numbers stay numbers
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"expected a boolean, got {text!r}")
@@ -275,6 +301,15 @@ def _parse_value(text: str, current: Any) -> Any:
             return float(text)
         except ValueError:
             return text
+    return text
+
+
+def _scalar(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
     return text
 
 

@@ -36,8 +36,8 @@ from safenorm.evaluation.data import ImageDataset, load_dataset
 from safenorm.evaluation.metrics import exposure, reference_exposure, summarize_roc
 from safenorm.evaluation.models import build_model
 from safenorm.evaluation.scoring import score_model
-from safenorm.evaluation.training import TRAINERS, seed_everything
-from safenorm.evaluation.variants import VARIANTS
+from safenorm.evaluation.training import TRAINERS, DivergenceError, seed_everything
+from safenorm.evaluation.variants import VARIANTS, describe_norm_layers, ensure_variant
 from torch import nn
 
 __all__ = ["Harness", "Shard", "VariantResult", "merge_outputs", "parse_shard"]
@@ -110,6 +110,9 @@ class Harness:
             per variant); default: ``config.model`` from the registry.
         model_name: a name for ``model_fn`` in cache keys (default: its qualified name).
         progress: show progress bars.
+        fail_fast: re-raise when a model diverges (non-finite loss, statistics, parameters or
+            scores) instead of recording it as diverged, excluding it from the analysis and
+            going on with the next model.
 
     Example::
 
@@ -128,11 +131,13 @@ class Harness:
         model_fn: ModelFn | None = None,
         model_name: str | None = None,
         progress: bool = True,
+        fail_fast: bool = False,
     ) -> None:
         self.config = config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
+        self.fail_fast = fail_fast
         self._data = data
         self._model_fn = model_fn
         self._custom_key = ""
@@ -146,7 +151,7 @@ class Harness:
         self._universe: Universe | None = None
         self.device = _resolve_device(config.device)
         for name in config.variants:
-            VARIANTS.canonical(name)  # fail early, listing the known variants
+            ensure_variant(name)  # fail early, listing the known variants
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -167,7 +172,7 @@ class Harness:
     @property
     def variants(self) -> list[str]:
         """Canonical names of the configured variants (aliases and repeats collapsed)."""
-        return list(dict.fromkeys(VARIANTS.canonical(v) for v in self.config.variants))
+        return list(dict.fromkeys(ensure_variant(v) for v in self.config.variants))
 
     def unavailable(self) -> dict[str, str]:
         """Variants that cannot run here, with the reason."""
@@ -229,6 +234,26 @@ class Harness:
             torch.set_num_threads(threads)
 
     def _train_one(self, variant: str, index: int, keep_row: np.ndarray) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            arrays = self._train_and_score(variant, index, keep_row)
+        except DivergenceError as err:
+            if self.fail_fast:
+                raise
+            arrays = _diverged_arrays(err, keep_row, time.perf_counter() - start)
+        path = self.model_path(variant, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = path.parent / "config.json"
+        if not meta.exists():
+            meta.write_text(
+                json.dumps({"variant": variant, "config": self.config.to_dict()}, indent=2)
+            )
+        _atomic_savez(path, arrays)
+        return arrays
+
+    def _train_and_score(
+        self, variant: str, index: int, keep_row: np.ndarray
+    ) -> dict[str, np.ndarray]:
         spec = VARIANTS.get(variant)
         u = self.universe
         seed = self.model_seed(index)
@@ -239,6 +264,10 @@ class Harness:
         result = TRAINERS.get(spec.trainer)(model, x, y, self.config, seed, self.device)
         seed_everything(seed + 1)
         arrays = score_model(result.model, u, self.config, index)
+        for key in ("score_eval", "score_train"):
+            if key in arrays and not np.isfinite(arrays[key]).all():
+                bad = int((~np.isfinite(arrays[key])).sum())
+                raise DivergenceError(-1, "", f"{bad} non-finite {key} values after training")
         arrays.update(
             epsilon=np.array(np.nan if result.epsilon is None else result.epsilon),
             steps=np.array(result.steps),
@@ -246,14 +275,6 @@ class Harness:
             final_loss=np.array(result.final_loss),
             keep=keep_row,
         )
-        path = self.model_path(variant, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = path.parent / "config.json"
-        if not meta.exists():
-            meta.write_text(
-                json.dumps({"variant": variant, "config": self.config.to_dict()}, indent=2)
-            )
-        _atomic_savez(path, arrays)
         return arrays
 
     def run(self, shard: Shard = Shard()) -> int:
@@ -285,6 +306,16 @@ class Harness:
         for variant, index in jobs:
             start = time.perf_counter()
             arrays = self.train_one(variant, index, keep[index])
+            if "diverged" in arrays:
+                LOGGER.warning(
+                    "%s model %d diverged (excluded from the analysis): %s",
+                    variant,
+                    index,
+                    str(arrays["diverged_message"]),
+                )
+                if bar is not None:
+                    bar.update(1)
+                continue
             LOGGER.info(
                 "%s model %d: test acc %.3f, eps %s, %d steps, %.1fs",
                 variant,
@@ -322,16 +353,80 @@ class Harness:
                 out.append({k: f[k] for k in f.files})
         return out
 
-    def analyze(self) -> dict[str, VariantResult]:
-        """Analyse every available variant whose models are all cached."""
-        results = {}
+    def diverged(self, variant: str) -> list[dict[str, Any]]:
+        """The cached models of ``variant`` that diverged: index, step, layer, reason."""
+        out = []
+        for i in range(self.config.num_models):
+            path = self.model_path(variant, i)
+            if not path.exists():
+                continue
+            with np.load(path) as f:
+                if "diverged" in f.files:
+                    out.append(
+                        {
+                            "index": i,
+                            "step": int(f["diverged_step"]),
+                            "layer": str(f["diverged_layer"]),
+                            "reason": str(f["diverged_reason"]),
+                        }
+                    )
+        return out
+
+    def too_few_converged(self) -> dict[str, str]:
+        """Variants with fewer than two converged models (nothing to attack), with why."""
+        out = {}
         for variant in self.variants:
             if variant in self.unavailable() or self.missing(variant):
                 continue
-            results[variant] = analyze_variant(
-                variant, self.load(variant), self.universe, self.config
-            )
+            bad = self.diverged(variant)
+            if self.config.num_models - len(bad) < 2:
+                first = bad[0] if bad else {}
+                out[variant] = (
+                    f"{len(bad)} of {self.config.num_models} models diverged (first: step "
+                    f"{first.get('step')}, layer {first.get('layer') or '?'}); nothing to attack"
+                )
+        return out
+
+    def norm_layers(self, variant: str) -> str:
+        """The variant's normalization layers on this run's model (groups x channels)."""
+        model = VARIANTS.get(variant).prepare(self.build_base_model(), self.config)
+        return describe_norm_layers(model)
+
+    def analyze(self) -> dict[str, VariantResult]:
+        """Analyse every available variant whose models are all cached.
+
+        Diverged models are left out (the others are each other's shadows) and counted in the
+        summary's ``diverged``; a variant with fewer than two converged models is skipped
+        (:meth:`too_few_converged`).
+        """
+        results = {}
+        failed = self.too_few_converged()
+        for variant in self.variants:
+            if variant in self.unavailable() or self.missing(variant) or variant in failed:
+                continue
+            models = [m for m in self.load(variant) if "diverged" not in m]
+            result = analyze_variant(variant, models, self.universe, self.config)
+            result.summary["diverged"] = {
+                "count": self.config.num_models - len(models),
+                "of": self.config.num_models,
+                "models": self.diverged(variant),
+            }
+            result.summary["norm_layers"] = self.norm_layers(variant)
+            results[variant] = result
         return results
+
+
+def _diverged_arrays(err: DivergenceError, keep_row: np.ndarray, seconds: float) -> dict:
+    """The cache entry of a diverged model: why, where, and its membership row."""
+    return {
+        "diverged": np.array(1),
+        "diverged_step": np.array(err.step),
+        "diverged_layer": np.array(err.layer),
+        "diverged_reason": np.array(err.reason),
+        "diverged_message": np.array(str(err)),
+        "keep": keep_row,
+        "train_seconds": np.array(seconds),
+    }
 
 
 def _roc(labels: np.ndarray, scores: np.ndarray, config: EvalConfig):

@@ -120,6 +120,8 @@ class ResNet(nn.Module):
 ModelBuilder = Callable[[int, int], nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
 MODELS.register("small-cnn", lambda c, k: SmallCNN(c, k), aliases=("cnn", "digits-cnn"))
+# twice the channels (32-64-64), about 4x the multiply-adds: the second width of the study
+MODELS.register("small-cnn-wide", lambda c, k: SmallCNN(c, k, width=32), aliases=("wide-cnn",))
 MODELS.register("resnet", lambda c, k: ResNet(c, k), aliases=("resnet-cifar", "resnet14"))
 MODELS.register("resnet20", lambda c, k: ResNet(c, k, blocks=3))
 MODELS.register("digits-dp-cnn", lambda c, k: digits_dp_cnn(k))

@@ -64,8 +64,9 @@ def _summary_row(
     ref_exp = _get(ref, "exposure", "in")
     ref_gr = _get(ref, "gradients", "grad_norm_train", "ratio")
     ref_auc = _get(ref, "membership", "eval", headline, "pool", "auc", "value")
+    diverged = _get(s, "diverged", "count")
     cells = [
-        f"**{name}**",
+        f"**{name}**" + (f" ({diverged}/{s['diverged']['of']} diverged)" if diverged else ""),
         f"{_fmt(acc * 100 if acc is not None else None, 1)}%"
         + (_delta(acc, ref_acc, 1, 100) if name != REFERENCE else ""),
         _fmt(exp_in, 2) + (_delta(exp_in, ref_exp, 2) if name != REFERENCE else ""),
@@ -143,6 +144,17 @@ def _markdown(
             f"Test accuracy {s['test_acc']['mean']:.3%} ± {s['test_acc']['std']:.3%}; "
             f"training time {s['train_seconds']:.0f}s for {s['num_models']} models."
         )
+        if s.get("norm_layers"):
+            lines.append(f"Normalization layers (groups x channels per group): {s['norm_layers']}.")
+        div = s.get("diverged") or {}
+        if div.get("count"):
+            where = "; ".join(
+                f"#{d['index']} at step {d['step']} in {d['layer'] or '?'}" for d in div["models"]
+            )
+            lines.append(
+                f"**{div['count']} of {div['of']} models diverged** and are excluded from the "
+                f"attacks ({where})."
+            )
         if s.get("epsilon") is not None:
             a = s["audit"]
             lines.append(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,98 @@ from safenorm.evaluation.registry import Registry
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["TRAINERS", "TrainResult", "augment_batch", "seed_everything", "unwrap_model"]
+__all__ = [
+    "TRAINERS",
+    "DivergenceError",
+    "TrainResult",
+    "augment_batch",
+    "first_nonfinite_module",
+    "seed_everything",
+    "unwrap_model",
+]
+
+# How safenorm's layers word a refused non-finite batch statistic (a ValueError naming the layer).
+_NONFINITE_MESSAGES = ("NaN or infinite",)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite values: a loss, an output or a layer's statistics.
+
+    Attributes:
+        step: the optimizer step (0-based) whose forward or backward failed; ``-1`` when found
+            after training (non-finite parameters or scores).
+        layer: the first module with a non-finite output (its qualified name), or the layer a
+            safenorm error names; ``""`` when unknown.
+        reason: what was non-finite.
+    """
+
+    def __init__(self, step: int, layer: str, reason: str) -> None:
+        where = f" at layer {layer!r}" if layer else ""
+        super().__init__(f"training diverged at step {step}{where}: {reason}")
+        self.step, self.layer, self.reason = step, layer, reason
+
+
+def first_nonfinite_module(model: nn.Module, x: Tensor) -> str:
+    """Qualified name of the first module (in execution order) whose output is not finite.
+
+    Runs one extra forward without gradients; ``""`` if every output is finite. A layer that
+    refuses its own non-finite statistics (safenorm's) is named from its error.
+    """
+    found: list[str] = []
+    # an Opacus GradSampleModule prefixes the user's names with "_module."
+    names = {m: n.replace("_module.", "") for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if not found and isinstance(output, Tensor) and not bool(torch.isfinite(output).all()):
+            found.append(names.get(module, type(module).__name__))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    except ValueError as err:
+        if not found:
+            found.append(_layer_of(err))
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else ""
+
+
+def _is_nonfinite_error(err: BaseException) -> bool:
+    return isinstance(err, ValueError) and any(m in str(err) for m in _NONFINITE_MESSAGES)
+
+
+def _layer_of(err: BaseException) -> str:
+    # safenorm layers describe themselves as "<Class> '<qualified name>'"
+    match = re.search(r"'([^']+)'", str(err))
+    return match.group(1) if match else ""
+
+
+@contextlib.contextmanager
+def _diverges_at(step: int) -> Iterator[None]:
+    """Turn a safenorm layer's non-finite-statistics error at ``step`` into DivergenceError."""
+    try:
+        yield
+    except ValueError as err:
+        if not _is_nonfinite_error(err):
+            raise
+        raise DivergenceError(step, _layer_of(err), str(err).split(";")[0]) from err
+
+
+def _check_loss(loss: Tensor, model: nn.Module, x: Tensor, step: int) -> None:
+    if not bool(torch.isfinite(loss)):
+        layer = first_nonfinite_module(model, x)
+        raise DivergenceError(step, layer, f"the training loss is {float(loss)}")
+
+
+def check_parameters_finite(model: nn.Module, steps: int) -> None:
+    """Raise :class:`DivergenceError` if a parameter or buffer left training non-finite."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            raise DivergenceError(steps, layer, f"{name} is non-finite after training")
 
 
 @dataclass
@@ -104,15 +196,18 @@ def _train_sgd(
             if len(idx) < 2:
                 continue
             xb = augment_batch(x[idx], g) if tc.augment else x[idx]
-            loss = F.cross_entropy(model(xb), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with _diverges_at(steps):
+                loss = F.cross_entropy(model(xb), y[idx])
+                _check_loss(loss, model, xb, steps)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             sched.step()
             steps += 1
             losses.append(loss.detach())
         if losses:
             last = float(torch.stack(losses).mean())
+    check_parameters_finite(model, steps)
     model.eval()
     return TrainResult(model, None, steps, time.perf_counter() - start, last)
 
@@ -175,11 +270,14 @@ def _make_dp_trainer(engine_factory: Callable[[], Any]) -> Trainer:
             for xb, yb in dp_loader:
                 if tc.augment:
                     xb = augment_batch(xb, g)
-                dp_opt.zero_grad(set_to_none=True)
-                out = dp_model(xb)
-                loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
-                loss.backward()
-                dp_opt.step()
+                with _diverges_at(steps):
+                    dp_opt.zero_grad(set_to_none=True)
+                    out = dp_model(xb)
+                    loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
+                    if len(yb):
+                        _check_loss(loss, dp_model, xb, steps)
+                    loss.backward()
+                    dp_opt.step()
                 sched.step()
                 steps += 1
                 if len(yb):
@@ -187,7 +285,9 @@ def _make_dp_trainer(engine_factory: Callable[[], Any]) -> Trainer:
             if losses:
                 last = float(torch.stack(losses).mean())
         epsilon = float(engine.get_epsilon(dc.delta))
-        inner = unwrap_model(dp_model).eval()
+        inner = unwrap_model(dp_model)
+        check_parameters_finite(inner, steps)
+        inner.eval()
         return TrainResult(inner, epsilon, steps, time.perf_counter() - start, last)
 
     return train_dp

@@ -106,13 +106,14 @@ def test_shards_merge_to_the_single_run(first_run, tmp_path, capsys):
 
 
 def test_errors_and_listing(tmp_path, capsys):
-    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--variants", "bn,layernorm"]) == 2
+    assert cli.main(["run", *TINY, "--out", str(tmp_path), "--variants", "bn,batchrenorm"]) == 2
     err = capsys.readouterr().err
-    assert "unknown variant 'layernorm'" in err and "groupnorm" in err
+    assert "unknown variant 'batchrenorm'" in err and "groupnorm" in err
     assert cli.main(["run", "--shard", "3/2", "--out", str(tmp_path)]) == 2
     assert cli.main(["list"]) == 0
     listing = capsys.readouterr().out
-    assert "dp-groupnorm" in listing and "lira-online" in listing and "quick" in listing
+    assert "opacus-fix (aliases: dp-gn, dp-groupnorm" in listing
+    assert "lira-online" in listing and "quick" in listing
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "safenorm-eval run --profile quick" in capsys.readouterr().out

@@ -126,7 +126,10 @@ def test_models_use_batchnorm():
     assert isinstance(build_model("resnet", 3, 10), ResNet)
 
 
-@pytest.mark.parametrize("name", ["bn", "ghost", "clipped", "groupnorm", "none", "dp-groupnorm"])
+@pytest.mark.parametrize(
+    "name",
+    ["bn", "ghost", "clipped", "groupnorm", "instancenorm", "layernorm", "none", "opacus-fix"],
+)
 def test_variants_convert_and_run(name):
     variant = get_variant(name)
     if variant.unavailable_reason():
@@ -154,13 +157,15 @@ def test_variant_registry():
         "ghost",
         "clipped",
         "dp",
-        "dp-groupnorm",
+        "opacus-fix",
         "groupnorm",
+        "instancenorm",
+        "layernorm",
         "none",
     }
     assert VARIANTS.canonical("GN") == "groupnorm"
     with pytest.raises(KeyError, match="known variants: bn, ghost, clipped, dp"):
-        get_variant("layernorm")
+        get_variant("batchrenorm")
     custom = Variant("test-instancenorm", "InstanceNorm", lambda m, c: m)
     register_variant(custom, aliases=("test-in",))
     try:

@@ -72,7 +72,7 @@ def test_model_that_never_saw_canaries_has_reference_exposure(overfit_run):
     assert mean == pytest.approx(reference_exposure(31), abs=0.6)
 
 
-@pytest.mark.parametrize("variant", ["dp-groupnorm", "dp"])
+@pytest.mark.parametrize("variant", ["opacus-fix", "dp"])
 def test_dp_audit_bound_never_exceeds_accountant_epsilon(tmp_path, variant):
     pytest.importorskip("opacus")
     if variant == "dp":
@@ -129,7 +129,7 @@ def test_python_api_with_user_model_and_data(tmp_path):
 def test_quick_profile_dp_variants_leak_less_than_bn(tmp_path):
     """The quick protocol on bn and the DP variants (minutes on a 2-core CPU)."""
     pytest.importorskip("opacus")
-    variants = ["bn", "dp-groupnorm"]
+    variants = ["bn", "opacus-fix"]
     try:
         import safenorm.opacus  # noqa: F401
 
