@@ -105,7 +105,7 @@ def _diverges_at(step: int) -> Iterator[None]:
 def _check_loss(loss: Tensor, model: nn.Module, x: Tensor, step: int) -> None:
     if not bool(torch.isfinite(loss)):
         layer = first_nonfinite_module(model, x)
-        raise DivergenceError(step, layer, f"the training loss is {float(loss)}")
+        raise DivergenceError(step, layer, f"the training loss is {float(loss.detach())}")
 
 
 def check_parameters_finite(model: nn.Module, steps: int) -> None:
