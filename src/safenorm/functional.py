@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from safenorm.noise import gaussian_noise
+from safenorm.noise import gaussian_noise, uniform_integers
 
 #: Sums a tensor over processes and returns the result (differentiable for the clipped variant).
 AllReduce = Callable[[Tensor], Tensor]
@@ -179,15 +179,17 @@ def random_groups(
     denominator: float,
     device: torch.device,
     generator: torch.Generator | None = None,
+    secure_mode: bool = False,
 ) -> Groups:
     """Ghost groups for DP: each sample draws its group uniformly and independently.
 
     A sample's group does not depend on any other sample, so adding or removing one sample
     changes exactly one group's sums. Every group gets the public denominator
-    ``denominator / num_groups``.
+    ``denominator / num_groups``. In ``secure_mode`` the draw comes from the OS CSPRNG.
     """
-    draw_device = generator.device if generator is not None else device
-    index = torch.randint(num_groups, (n,), generator=generator, device=draw_device).to(device)
+    index = uniform_integers(
+        num_groups, n, device=device, generator=generator, secure_mode=secure_mode
+    )
     size = torch.full((num_groups,), denominator / num_groups, device=device)
     return Groups(index=index, size=size)
 
@@ -728,9 +730,11 @@ def dp_groups(
     ghost_batch_size: int | None,
     device: torch.device,
     generator: torch.Generator | None = None,
+    secure_mode: bool = False,
 ) -> Groups:
     """The DP layer's partition: one group of public size ``D``, or
-    ``G = max(1, round(D / ghost_batch_size))`` independently drawn groups (:func:`random_groups`).
+    ``G = max(1, round(D / ghost_batch_size))`` independently drawn groups (:func:`random_groups`;
+    from the OS CSPRNG in ``secure_mode``).
     """
     num_groups = 1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
     if num_groups == 1:
@@ -738,7 +742,7 @@ def dp_groups(
             index=torch.zeros(n, dtype=torch.long, device=device),
             size=torch.full((1,), float(denominator), device=device),
         )
-    return random_groups(n, num_groups, denominator, device, generator)
+    return random_groups(n, num_groups, denominator, device, generator, secure_mode)
 
 
 def dp_statistics_from_moments(
@@ -762,7 +766,9 @@ def dp_statistics_from_moments(
     The group draw comes before the noise, from the same generator.
     """
     with torch.no_grad():
-        groups = dp_groups(m.shape[0], denominator, ghost_batch_size, m.device, generator)
+        groups = dp_groups(
+            m.shape[0], denominator, ghost_batch_size, m.device, generator, secure_mode
+        )
         return private_statistics(
             m,
             w,

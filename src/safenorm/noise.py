@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_noise"]
+__all__ = ["gaussian_noise", "uniform_integers"]
 
 
 def _os_standard_normal(numel: int) -> np.ndarray:
@@ -61,3 +61,46 @@ def gaussian_noise(
     draw_device = generator.device if generator is not None else (device or "cpu")
     noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
     return noise.to(device) if device is not None else noise
+
+
+def _os_uniform_integers(high: int, numel: int) -> np.ndarray:
+    # Rejection sampling over 64-bit words: no modulo bias (a word is redrawn with probability
+    # below high / 2^64).
+    limit = (2**64 // high) * high
+    out = np.empty(numel, dtype=np.uint64)
+    todo = np.arange(numel)
+    while todo.size:
+        words = np.frombuffer(os.urandom(8 * todo.size), dtype=np.uint64)
+        keep = words < np.uint64(limit) if limit < 2**64 else np.ones(todo.size, dtype=bool)
+        out[todo[keep]] = words[keep] % np.uint64(high)
+        todo = todo[~keep]
+    return out.astype(np.int64)
+
+
+def uniform_integers(
+    high: int,
+    numel: int,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+) -> Tensor:
+    """``numel`` independent uniform integers in ``[0, high)``, int64 on ``device``.
+
+    The DP layers' ghost-group draw: with ``secure_mode`` the draw comes from the OS CSPRNG, as
+    the noise does (predictable groups would void the argument that one sample touches one group
+    whatever the others); otherwise from ``generator`` (torch's global one by default).
+    """
+    if high < 1:
+        raise ValueError(f"uniform_integers needs high >= 1, got {high}")
+    if secure_mode:
+        if generator is not None:
+            raise ValueError(
+                "secure_mode draws from the OS CSPRNG and cannot use a seeded generator; pass "
+                "generator=None or secure_mode=False"
+            )
+        values = torch.from_numpy(_os_uniform_integers(high, numel))
+        return values.to(device=device or "cpu")
+    draw_device = generator.device if generator is not None else (device or "cpu")
+    draw = torch.randint(high, (numel,), generator=generator, device=draw_device)
+    return draw.to(device) if device is not None else draw

@@ -38,6 +38,35 @@ RELEASES_PER_FORWARD = 2
 ReleaseHook = Callable[["DPBatchNorm", int], None]
 
 
+def _warn_unaccounted(message: str) -> None:
+    if torch.compiler.is_compiling() and _trace_time_warn is not None:
+        _trace_time_warn(message)
+    else:
+        warnings.warn(message, PrivacyWarning, stacklevel=7)
+
+
+#: ``warnings.warn`` for compiled code (set at the first DP layer's construction, not at import:
+#: torch._dynamo takes a second to load). torch.compile(fullgraph=True) cannot trace
+#: ``warnings.warn`` but runs an ``assume_constant_result`` function once while tracing, so the
+#: warning is issued when the graph of an unaccounted layer is built (attaching an accountant
+#: changes the hooks, which recompiles).
+_trace_time_warn: Callable[[str], bool] | None = None
+
+
+def _prepare_trace_time_warning() -> None:
+    global _trace_time_warn
+    if _trace_time_warn is not None:
+        return
+    import torch._dynamo
+
+    @torch._dynamo.assume_constant_result
+    def warn(message: str) -> bool:
+        warnings.warn(message, PrivacyWarning, stacklevel=2)
+        return True
+
+    _trace_time_warn = warn
+
+
 class DPBatchNorm(SafeBatchNormBase):
     __doc__ = (
         r"""Batch normalization with differentially private batch statistics.
@@ -174,6 +203,7 @@ class DPBatchNorm(SafeBatchNormBase):
         self._release_hooks: OrderedDict[int, ReleaseHook] = OrderedDict()  # weakref-able
         self._warned_public_size = False
         self._warned_unaccounted = False
+        _prepare_trace_time_warning()
         #: ``(mean, var)`` this layer normalized with in its last forward, ``(C,)`` or ``(N, C)``
         #: (per-sample with DP ghost groups); released values, used by the per-sample gradients.
         self.last_statistics: tuple[Tensor, Tensor] | None = None
@@ -189,18 +219,36 @@ class DPBatchNorm(SafeBatchNormBase):
     def _record_release(self) -> None:
         self.release_count += RELEASES_PER_FORWARD
         if not self._release_hooks and not self._warned_unaccounted:
-            warnings.warn(
+            _warn_unaccounted(
                 f"UNACCOUNTED PRIVACY COST: {self._describe()} released noised batch statistics "
                 "(2 Gaussian releases per training forward) but no privacy accountant is "
                 "attached to it, so no reported epsilon includes this cost. Train with "
                 "safenorm.opacus.PrivacyEngine, or count the releases with "
-                "safenorm.privacy.ReleaseLedger.",
-                PrivacyWarning,
-                stacklevel=6,
+                "safenorm.privacy.ReleaseLedger. (Copies and pickles of a layer, e.g. an "
+                "AveragedModel / EMA copy, start unaccounted.)"
             )
             self._warned_unaccounted = True
         for hook in list(self._release_hooks.values()):
             hook(self, RELEASES_PER_FORWARD)
+
+    # -- copies and pickles ----------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save(layer)`` carry: not the accounting.
+
+        A copy (an ``AveragedModel`` / EMA copy, a pickled model) starts **unaccounted**: no
+        release hooks (they would report to a copy of the ledger that nobody reads, silently),
+        so its first releasing forward warns until an engine or ledger watches it. It carries no
+        ``generator`` (from a seeded generator's state the noise, hence the exact clipped sums,
+        can be regenerated; a copy draws from torch's global generator, or the CSPRNG in
+        ``secure_mode``) and no ``last_statistics``. Parameters, buffers and settings are kept.
+        """
+        state = self.__dict__.copy()
+        state["_release_hooks"] = OrderedDict()
+        state["generator"] = None
+        state["last_statistics"] = None
+        state["_warned_unaccounted"] = False
+        return state
 
     # -- forward ---------------------------------------------------------------------------------
 
