@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -14,9 +15,10 @@ from safenorm.evaluation.attacks import ATTACKS
 from safenorm.evaluation.canaries import CANARIES
 from safenorm.evaluation.config import PROFILES, EvalConfig, apply_overrides, get_profile
 from safenorm.evaluation.data import DATASETS
-from safenorm.evaluation.harness import LOGGER, Harness, merge_outputs, parse_shard
+from safenorm.evaluation.harness import LOGGER, Harness, Shard, merge_outputs, parse_shard
 from safenorm.evaluation.models import MODELS
 from safenorm.evaluation.report import write_report
+from safenorm.evaluation.study import Study, is_study
 from safenorm.evaluation.training import DivergenceError
 from safenorm.evaluation.variants import VARIANTS
 
@@ -30,6 +32,8 @@ examples:
   safenorm-eval merge --out full s0 s1 s2 s3                     # then writes the report
   safenorm-eval report --out safenorm-eval-out                   # re-analyse the cache
   safenorm-eval run --profile quick --set train.epochs=40 --set attacks.ci=bootstrap
+  safenorm-eval run --profile standard --out std --shard 0/2     # 3 seeds x 2 widths, verdicts
+  safenorm-eval run --profile frontier --out std-copy            # + ghost/clip sweep (cached refs)
   safenorm-eval list                                             # variants, attacks, profiles
 """
 
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--variants", help="comma-separated variant names")
     run.add_argument("--num-models", type=int, help="models per variant (>= 2)")
     run.add_argument("--seed", type=int)
+    run.add_argument("--seeds", help="comma-separated master seeds: a study over seeds")
+    run.add_argument("--models", help="comma-separated models: a study over models")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:1...")
     run.add_argument("--dataset", help=f"one of {DATASETS.names()}")
     run.add_argument("--data-root", help="directory of on-disk data (CIFAR-10 pickles)")
@@ -160,6 +166,8 @@ def _config_from_args(args: argparse.Namespace) -> EvalConfig:
         ("variants", "variants"),
         ("num_models", "num_models"),
         ("seed", "seed"),
+        ("seeds", "seeds"),
+        ("models", "models"),
         ("device", "device"),
         ("dataset", "data.dataset"),
         ("data_root", "data.root"),
@@ -202,6 +210,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     _setup_logging(args.out)
     (args.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if is_study(config):
+        return _run_study(config, args, shard)
     harness = Harness(config, args.out, progress=not args.no_progress, fail_fast=args.fail_fast)
     for name, reason in harness.unavailable().items():
         print(
@@ -221,6 +231,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_study(config: EvalConfig, args: argparse.Namespace, shard: Shard) -> int:
+    study = Study(config, args.out, progress=not args.no_progress, fail_fast=args.fail_fast)
+    start = time.perf_counter()
+    trained = study.run(shard)
+    LOGGER.info("trained %d models in %.1fs", trained, time.perf_counter() - start)
+    waiting = study.incomplete()
+    if waiting:
+        print(
+            f"shard {args.shard} done ({trained} models trained); cells {sorted(waiting)} still "
+            f"miss models of other shards: run `safenorm-eval merge --out DIR SHARD_DIRS...`"
+        )
+        return 0
+    _print_study(study.analyze(plots=not args.no_plots))
+    return 0
+
+
+def _print_study(path: Path) -> None:
+    text = path.read_text().split("\n")
+    start = next((i for i, line in enumerate(text) if line.startswith("| finding")), None)
+    if start is not None:
+        end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+        print("\n".join(text[start:end]))
+    print(f"\nreport: {path}")
+
+
 def _load_config(out: Path, overrides: Sequence[str] = ()) -> EvalConfig:
     path = out / "config.json"
     if not path.exists():
@@ -230,13 +265,28 @@ def _load_config(out: Path, overrides: Sequence[str] = ()) -> EvalConfig:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     _setup_logging(args.out)
-    harness = Harness(_load_config(args.out, args.set), args.out, progress=False)
+    config = _load_config(args.out, args.set)
+    if is_study(config):
+        _print_study(Study(config, args.out, progress=False).analyze(plots=not args.no_plots))
+        return 0
+    harness = Harness(config, args.out, progress=False)
     _print_summary(_report(harness, not args.no_plots))
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
+    config_path = args.out / "config.json"
+    first = args.shards[0] / "config.json"
+    if not config_path.exists() and first.exists():
+        shutil.copy2(first, config_path)
+    if config_path.exists() and is_study(_load_config(args.out)):
+        _setup_logging(args.out)
+        study = Study(_load_config(args.out), args.out, progress=False)
+        copied = study.merge(list(args.shards))
+        LOGGER.info("merged %d model files from %s", copied, [str(s) for s in args.shards])
+        _print_study(study.analyze(plots=not args.no_plots))
+        return 0
     copied = merge_outputs(args.out, args.shards)
     _setup_logging(args.out)
     LOGGER.info("merged %d model files from %s", copied, [str(s) for s in args.shards])

@@ -390,7 +390,60 @@ def _tiny() -> EvalConfig:
     )
 
 
+#: The variants the three findings are called against, and the batch-coupled safenorm layers.
+_STANDARD_VARIANTS = ("bn", "ghost", "clipped", "groupnorm", "instancenorm", "layernorm", "none")
+
+
+def _standard() -> EvalConfig:
+    """The quick protocol over 3 seeds x 2 widths, reported over seeds (2-core CPU, ~45 min).
+
+    Non-DP variants only (the DP ones are in ``quick`` and the ``utility`` study); 16 models
+    per variant and cell. Resumable; ``--shard 0/2`` and ``1/2`` split every cell.
+    """
+    config = _quick()
+    return dataclasses.replace(
+        config,
+        profile="standard",
+        seeds=(0, 1, 2),
+        models=("small-cnn", "small-cnn-wide"),
+        num_models=16,
+        variants=_STANDARD_VARIANTS,
+    )
+
+
+def _frontier() -> EvalConfig:
+    """The standard protocol's narrow cells plus the ghost_batch_size and clip-bound sweep.
+
+    Shares the ``small-cnn`` cells (and their cache) with ``standard``: copy a standard output
+    directory and run this profile on the copy to train only the swept settings.
+    """
+    config = _standard()
+    return dataclasses.replace(
+        config,
+        profile="frontier",
+        models=("small-cnn",),
+        variants=(
+            "bn",
+            "groupnorm",
+            "instancenorm",
+            "layernorm",
+            "none",
+            "ghost@2",
+            "ghost@4",
+            "ghost@8",
+            "ghost",
+            "ghost@32",
+            "clipped@0.25",
+            "clipped@0.5",
+            "clipped",
+            "clipped@2",
+        ),
+    )
+
+
 PROFILES.register("quick", _quick, aliases=("default", "cpu"))
+PROFILES.register("standard", _standard, aliases=("seeds",))
+PROFILES.register("frontier", _frontier, aliases=("sweep",))
 PROFILES.register("full", _full, aliases=("gpu", "cifar10"))
 PROFILES.register("tiny", _tiny, aliases=("smoke", "test"))
 

@@ -155,3 +155,39 @@ def test_full_profile_fails_clearly_without_its_data_or_gpu(tmp_path, capsys):
     args += ["--device", "cpu", "--data-root", str(tmp_path / "nowhere")]
     assert cli.main(args) == 2
     assert "no CIFAR-10 python batches" in capsys.readouterr().err
+
+
+def test_study_over_seeds_resumes_and_shards_merge_to_the_same_verdicts(tmp_path, capsys):
+    args = [*TINY, "--seeds", "0,1", "--variants", "bn,groupnorm,ghost@4", "--no-plots"]
+    out = tmp_path / "study"
+    assert cli.main(["run", *args, "--out", str(out)]) == 0
+    assert "| (iii) BN is more exposed to membership inference |" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["cells"]) == ["seed0-auto", "seed1-auto"]
+    for cell in ("seed0-auto", "seed1-auto"):  # every cell is a complete single run
+        assert (out / "cells" / cell / "report.md").exists()
+        assert (out / "cells" / cell / "scores" / "groupnorm.npz").exists()
+    by = report["by_model"]["auto"]["variants"]
+    assert by["bn"]["auc_pool"]["n"] == 2 and by["groupnorm"]["auc_pool"]["diff"]["n"] == 2
+    # the paired difference is the mean of the per-cell differences
+    cells = report["per_cell_metrics"]
+    d = [cells[c]["groupnorm"]["auc_pool"] - cells[c]["bn"]["auc_pool"] for c in sorted(cells)]
+    assert by["groupnorm"]["auc_pool"]["diff"]["mean"] == pytest.approx(np.mean(d))
+    assert report["frontier"]["settings"]["ghost@4"]["auc_removed"]["n"] == 2
+    # seeds differ in split and masks, so the cells differ
+    assert cells["seed0-auto"]["bn"]["auc_pool"] != cells["seed1-auto"]["bn"]["auc_pool"]
+
+    assert cli.main(["run", *args, "--out", str(out)]) == 0
+    assert "trained 0 models" in (out / "log.txt").read_text()
+
+    shards = [tmp_path / f"s{i}" for i in range(2)]
+    for i, s in enumerate(shards):
+        assert cli.main(["run", *args, "--out", str(s), "--shard", f"{i}/2"]) == 0
+    assert "still miss models of other shards" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--out", str(merged), *map(str, shards), "--no-plots"]) == 0
+    again = json.loads((merged / "report.json").read_text())
+    assert again["per_cell_metrics"] == report["per_cell_metrics"]
+    assert [v["call"] for v in again["verdicts"]] == [v["call"] for v in report["verdicts"]]
+    assert cli.main(["report", "--out", str(merged), "--no-plots"]) == 0
+    assert "## Verdicts" in (merged / "report.md").read_text()
