@@ -41,6 +41,8 @@ def test_run_writes_every_output(first_run):
     assert {"0.01", "0.001"} <= set(bn["membership"]["eval"]["loss"]["pool"]["tpr_at_fpr"])
     text = (out / "report.md").read_text()
     assert "| **bn** |" in text and "| **groupnorm** |" in text and "TRAIN-mode" in text
+    assert "channels per group): GroupNorm 4x4, 2 x GroupNorm 8x4." in text
+    assert report["variants"]["groupnorm"]["norm_layers"] == "GroupNorm 4x4, 2 x GroupNorm 8x4"
     raw = np.load(out / "scores" / "bn.npz")
     assert raw["score_eval"].shape[0] == 3 and raw["keep"].shape[0] == 3
     assert len(list((out / "cache").glob("*/model_*.npz"))) == 6
