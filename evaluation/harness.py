@@ -430,10 +430,12 @@ def _diverged_arrays(err: DivergenceError, keep_row: np.ndarray, seconds: float)
 
 
 def _roc(labels: np.ndarray, scores: np.ndarray, config: EvalConfig):
+    """ROC summary of a ``(models, examples)`` matrix; the interval method resamples its rows
+    and columns (whole models, whole examples), so the matrix is passed as it is."""
     a = config.attacks
     return summarize_roc(
-        labels.ravel(),
-        scores.ravel(),
+        labels,
+        scores,
         a.fprs,
         ci=a.ci,
         confidence=a.confidence,

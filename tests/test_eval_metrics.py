@@ -4,13 +4,18 @@ import math
 
 import numpy as np
 import pytest
+import safenorm.evaluation.metrics as metrics
 from safenorm.evaluation.audit import epsilon_lower_bound, one_run_audit, p_value
 from safenorm.evaluation.metrics import (
+    CI_METHODS,
     auc,
     clopper_pearson,
     exposure,
+    extrapolated_exposure,
     reference_exposure,
     roc_curve,
+    skewnorm_log_sf,
+    skewnorm_moments,
     summarize_roc,
     tpr_at_fpr,
 )
@@ -41,7 +46,7 @@ def test_roc_needs_both_classes():
         roc_curve(np.ones(5, bool), np.arange(5.0))
 
 
-@pytest.mark.parametrize("ci", ["analytic", "bootstrap"])
+@pytest.mark.parametrize("ci", ["analytic", "bootstrap", "examples", "pairs"])
 def test_intervals_cover_the_estimate(ci):
     rng = np.random.default_rng(1)
     labels = rng.random(4000) < 0.5
@@ -120,3 +125,122 @@ def test_one_run_audit_on_separable_and_random_scores():
     assert perfect.epsilon == pytest.approx(epsilon_lower_bound(2000, 200, 200, 0.0, 0.95))
     random = one_run_audit(rng.random(2000), member, (0.01, 0.05), 1e-5, 0.95)
     assert random.epsilon < 0.5
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("ci", ["bootstrap", "examples", "pairs"])
+def test_bootstrap_replicates_equal_the_roc_of_the_resampled_data(ci, ties):
+    # every replicate is a weight per (model, example) pair; its AUC and TPRs must be those of
+    # the data with each pair repeated that many times, computed by roc_curve from scratch
+    rng = np.random.default_rng(3)
+    labels = rng.random((7, 60)) < 0.5
+    scores = rng.normal(size=(7, 60)) + labels
+    if ties:
+        scores = np.round(scores, 1)
+    pairs = metrics._sort_pairs(labels, scores)
+    weights = CI_METHODS.get(ci).resample(pairs, rng, 6)
+    aucs, tprs = metrics._weighted_stats(pairs, weights, (0.01, 0.05, 0.2))
+    flat = np.ravel_multi_index((pairs.row, pairs.col), scores.shape)
+    for b in range(len(weights)):
+        counts = np.zeros(scores.size, dtype=int)
+        counts[flat] = weights[b].astype(int)
+        fpr, tpr, _ = roc_curve(
+            np.repeat(labels.ravel(), counts), np.repeat(scores.ravel(), counts)
+        )
+        assert aucs[b] == pytest.approx(auc(fpr, tpr), abs=1e-12)
+        for f, t in tprs.items():
+            assert t[b] == pytest.approx(tpr_at_fpr(fpr, tpr, f), abs=1e-12)
+        per_pair = counts.reshape(scores.shape)
+        if ci == "examples":  # whole columns: an example weighs the same on every model
+            assert (per_pair == per_pair[:1]).all()
+        if ci == "bootstrap":  # whole rows times whole columns: a rank-one count matrix
+            u, v = per_pair.sum(1), per_pair.sum(0)
+            np.testing.assert_array_equal(per_pair * per_pair.sum(), np.outer(u, v))
+
+
+def test_tpr_below_the_false_positive_minimum_says_what_it_is():
+    rng = np.random.default_rng(4)
+    labels = rng.random((2, 300)) < 0.5  # about 300 negatives
+    scores = rng.normal(size=(2, 300)) + labels
+    s = summarize_roc(labels, scores, (0.1, 0.01, 0.001), bootstrap=50)
+    n_neg = s.n_neg
+    d = s.to_dict()["tpr_at_fpr"]
+    assert d["0.1"]["meets_minimum"] and d["0.1"]["note"] is None  # ~30 expected FPs
+    assert d["0.1"]["label"] == "TPR at 10.00% FPR"
+    k = math.floor(n_neg * 0.01)
+    assert not d["0.01"]["meets_minimum"] and d["0.01"]["label"] == f"TPR at <= {k} false positives"
+    assert d["0.001"]["label"] == "TPR at 0 false positives"
+    assert f"{n_neg} negatives" in d["0.001"]["note"] and "< 10" in d["0.001"]["note"]
+    # TPR at 0 false positives is the fraction of positives above every negative
+    top_negative = scores[~labels].max()
+    assert s.tpr[0.001].value == pytest.approx(np.mean(scores[labels] > top_negative))
+
+
+def test_interval_methods_are_registered_with_their_assumptions():
+    assert CI_METHODS.canonical("clopper-pearson") == "analytic"
+    assert CI_METHODS.canonical("two-way") == "bootstrap"
+    for name in CI_METHODS.names():
+        assert CI_METHODS.get(name).assumes
+    with pytest.raises(KeyError, match="known confidence-interval methods"):
+        summarize_roc(np.array([True, False]), np.array([1.0, 0.0]), ci="jackknife")
+
+
+def test_expanded_percentile_widens_for_few_units():
+    # Hesterberg's expanded percentile: tail alpha' with z(alpha') = sqrt(n/(n-1)) t(n-1)
+    reps = np.random.default_rng(0).normal(size=200_000)
+    wide = metrics._percentile(0.0, reps, 0.95, units=18)
+    z = math.sqrt(18 / 17) * stats.t.ppf(0.975, 17)
+    assert wide.high == pytest.approx(z, abs=0.02)
+    assert metrics._percentile(0.0, reps, 0.95, units=10**6).high == pytest.approx(1.96, abs=0.02)
+
+
+def test_extrapolated_exposure_of_a_normal_fit_from_the_formula():
+    rng = np.random.default_rng(5)
+    refs = rng.normal(3.0, 2.0, 63)
+    mean, sd = refs.mean(), refs.std(ddof=1)
+    # at the mean the tail probability is 1/2: exactly 1 bit
+    assert extrapolated_exposure(mean, refs)[0] == pytest.approx(1.0, abs=1e-12)
+    # z sigma above the mean: -log2(erfc(z / sqrt 2) / 2)
+    for z in (1.0, 3.0, 6.0):
+        want = -math.log2(math.erfc(z / math.sqrt(2)) / 2)
+        assert extrapolated_exposure(mean + z * sd, refs)[0] == pytest.approx(want, rel=1e-9)
+    # far beyond the references it keeps growing (rank-based exposure saturates at 6 bits):
+    # Mills' ratio, -log2 sf(z) = (z^2/2 + ln(z sqrt(2 pi))) / ln 2 + O(1/z^2)
+    z = 40.0
+    want = (z * z / 2 + math.log(z * math.sqrt(2 * math.pi))) / math.log(2)
+    assert extrapolated_exposure(mean + z * sd, refs)[0] == pytest.approx(want, rel=1e-3)
+    assert exposure(mean + z * sd, refs)[0] == pytest.approx(6.0)
+
+
+def test_skew_normal_tail_from_the_formula():
+    # a standard skew-normal with shape alpha: P(X > 0) = 1/2 + arctan(alpha) / pi
+    for alpha in (-3.0, 0.0, 0.5, 4.0):
+        got = skewnorm_log_sf(np.array([0.0]), alpha, 0.0, 1.0)[0]
+        assert math.exp(got) == pytest.approx(0.5 + math.atan(alpha) / math.pi, rel=1e-9)
+    # deep in the tail (where sf underflows) the asymptotic forms take over; where both exist
+    # they agree with scipy's sf
+    for alpha, z in ((-2.0, 8.0), (3.0, 30.0)):
+        far = skewnorm_log_sf(np.array([z, 40.0, 200.0]), alpha, 0.0, 1.0)
+        assert np.all(np.isfinite(far)) and np.all(np.diff(far) < 0)
+        a2 = 1 + alpha**2
+        approx = (
+            math.log(2) + stats.norm.logsf(z)
+            if alpha >= 0
+            else -a2 * z * z / 2 - math.log(math.pi * abs(alpha) * a2 * z * z)
+        )
+        assert approx == pytest.approx(math.log(stats.skewnorm.sf(z, alpha)), rel=1e-3)
+    assert skewnorm_log_sf(np.array([200.0]), 3.0, 0.0, 1.0)[0] == pytest.approx(
+        math.log(2) + stats.norm.logsf(200.0)
+    )
+
+
+def test_skew_normal_moment_fit_recovers_the_parameters():
+    x = stats.skewnorm.rvs(4.0, loc=1.0, scale=2.0, size=400_000, random_state=0)
+    alpha, loc, scale = skewnorm_moments(x)
+    assert loc == pytest.approx(1.0, abs=0.05) and scale == pytest.approx(2.0, abs=0.05)
+    assert alpha == pytest.approx(4.0, rel=0.15)
+    # a never-seen canary (drawn like the references) scores log2(e) bits on average
+    refs = stats.skewnorm.rvs(4.0, size=5000, random_state=1)
+    new = stats.skewnorm.rvs(4.0, size=20000, random_state=2)
+    mean_bits = extrapolated_exposure(new, refs, fit="skewnorm").mean()
+    assert mean_bits == pytest.approx(1 / math.log(2), abs=0.05)
