@@ -5,6 +5,12 @@ model (higher means "member"), using the other models as shadow / reference mode
 (leave-one-out: each model is the target once). Scores are LiRA's logit-scaled confidence
 ``phi = log(p_y / (1 - p_y))``.
 
+RMIA works with the probabilities ``p_y = expit(phi)``, which round to 1 in float64 above
+``phi ~ 37`` (confident models). It is computed in log space: ``log p = log_expit(phi)``,
+``1 - p = expit(-phi)``, and a mean of probabilities near 1 as ``log1p(-mean(1 - p))`` (near 0
+as a ``logsumexp``), so its ranking survives any shift of ``phi`` (tested at +-50 against exact
+decimal arithmetic).
+
 References: Carlini et al., "Membership Inference Attacks From First Principles" (LiRA, 2022);
 Zarifzadeh et al., "Low-Cost High-Power Membership Inference Attacks" (RMIA, 2024); Yeom et al.
 (LOSS threshold, 2018).
@@ -12,14 +18,26 @@ Zarifzadeh et al., "Low-Cost High-Power Membership Inference Attacks" (RMIA, 202
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from safenorm.evaluation.metrics import auc, roc_curve
 from safenorm.evaluation.registry import Registry
 from scipy import special, stats
 
-__all__ = ["ATTACKS", "Attack", "AttackInputs", "lira_statistics", "run_attack"]
+__all__ = [
+    "ATTACKS",
+    "OFFLINE_A_GRID",
+    "Attack",
+    "AttackInputs",
+    "lira_statistics",
+    "log_reference_probability",
+    "rmia_scores",
+    "run_attack",
+    "tune_offline_a",
+]
 
 
 @dataclass
@@ -32,6 +50,8 @@ class AttackInputs:
         population: ``(M, Z)`` scores of examples no model trained on (RMIA's population).
         target: index of the target model; the others are shadows.
         gamma: RMIA's likelihood-ratio threshold.
+        offline_a: offline RMIA's ``a`` (``None``: tuned on the shadows, see
+            :func:`tune_offline_a`).
     """
 
     scores: np.ndarray
@@ -39,6 +59,7 @@ class AttackInputs:
     population: np.ndarray
     target: int
     gamma: float = 1.0
+    offline_a: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,15 +134,121 @@ def _lira_online(inputs: AttackInputs) -> np.ndarray:
     return stats.norm.logpdf(phi, mu_in, sigma_in) - stats.norm.logpdf(phi, mu_out, sigma_out)
 
 
+def log_reference_probability(
+    phi: np.ndarray, weights: np.ndarray | None = None, a: float = 1.0
+) -> np.ndarray:
+    """``log Pr(x)``, ``Pr(x) = ((1 + a) P(x) + (1 - a)) / 2`` with ``P(x)`` the weighted mean of
+    ``expit(phi)`` over the reference models (axis 0).
+
+    ``a = 1`` gives the plain mean (online RMIA); ``a < 1`` is offline RMIA's approximation of
+    the mean over IN and OUT models from OUT models only (Zarifzadeh et al. 2024, section 4).
+    Exact at both ends: where ``P < 1/2`` through ``logsumexp(log_expit(phi))``, elsewhere as
+    ``log1p(-(1 + a) / 2 * mean(expit(-phi)))``, so ``P`` within 1e-300 of 0 or 1 keeps its
+    digits.
+
+    Args:
+        phi: ``(K, N)`` scores of N examples on K reference models.
+        weights: ``(K, N)`` non-negative weights (e.g. OUT masks); default: all ones.
+        a: offline RMIA's ``a`` in ``[0, 1]``.
+    """
+    w = np.ones_like(phi) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = w.sum(0)
+    q_mean = (w * special.expit(-phi)).sum(0) / total  # 1 - P, exact when P is near 1
+    log_p = special.logsumexp(special.log_expit(phi), axis=0, b=w) - np.log(total)
+    # each branch is only used where it is exact; the other may hit log 0 there (a = 1: the
+    # constant term of the low branch is log 0 = -inf, harmlessly)
+    with np.errstate(divide="ignore"):
+        low = np.logaddexp(math.log((1 + a) / 2) + log_p, np.log((1 - a) / 2))
+        high = np.log1p(-(1 + a) / 2 * q_mean)
+    return np.where(q_mean > 0.5, low, high)
+
+
+def rmia_scores(
+    target_x: np.ndarray,
+    log_pr_x: np.ndarray,
+    target_z: np.ndarray,
+    log_pr_z: np.ndarray,
+    gamma: float = 1.0,
+) -> np.ndarray:
+    """The fraction of population examples z with ``LR(x) / LR(z) > gamma``, in log space:
+    ``log LR(x) = log_expit(phi_target(x)) - log Pr(x)``."""
+    lr_x = special.log_expit(target_x) - log_pr_x
+    lr_z = np.sort(special.log_expit(target_z) - log_pr_z)
+    return np.searchsorted(lr_z, lr_x - math.log(gamma), side="left") / len(lr_z)
+
+
 def _rmia(inputs: AttackInputs) -> np.ndarray:
-    """RMIA: the fraction of population examples z with ``LR(x) / LR(z) > gamma``, where
-    ``LR(x) = p(x | target) / mean over reference models of p(x | reference)``."""
+    """RMIA (online): the fraction of population examples z with ``LR(x) / LR(z) > gamma``,
+    ``LR(x) = p(x | target) / mean over every reference model of p(x | reference)``."""
     others = np.arange(len(inputs.scores)) != inputs.target
-    p_x = special.expit(inputs.scores)
-    p_z = special.expit(inputs.population)
-    ratio_x = p_x[inputs.target] / np.maximum(p_x[others].mean(0), 1e-300)
-    ratio_z = np.sort(p_z[inputs.target] / np.maximum(p_z[others].mean(0), 1e-300))
-    return np.searchsorted(ratio_z, ratio_x / inputs.gamma, side="left") / len(ratio_z)
+    t, pop = inputs.target, inputs.population
+    return rmia_scores(
+        inputs.scores[t],
+        log_reference_probability(inputs.scores[others]),
+        pop[t],
+        log_reference_probability(pop[others]),
+        inputs.gamma,
+    )
+
+
+# offline RMIA's a is searched on this grid (the paper's reference code steps 0.1 over [0, 1])
+OFFLINE_A_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def _offline_scores(
+    scores: np.ndarray,
+    keep: np.ndarray,
+    population: np.ndarray,
+    target: int,
+    references: np.ndarray,
+    a: float,
+    gamma: float,
+) -> np.ndarray:
+    """Offline RMIA of model ``target`` with the OUT scores of the ``references`` models."""
+    ref, out = scores[references], ~keep[references].astype(bool)
+    # an example that every reference holds has no OUT model: use them all (rare, >= 8 models)
+    out = np.where(out.any(0), out, True)
+    log_pr_x = log_reference_probability(ref, out, a)
+    log_pr_z = log_reference_probability(population[references], None, a)  # z is OUT everywhere
+    return rmia_scores(scores[target], log_pr_x, population[target], log_pr_z, gamma)
+
+
+def tune_offline_a(inputs: AttackInputs, grid: tuple[float, ...] = OFFLINE_A_GRID) -> float:
+    """Offline RMIA's ``a``, chosen as the paper describes: attack one reference model with the
+    remaining ones and keep the ``a`` of the highest AUC (Zarifzadeh et al. 2024, appendix on
+    offline RMIA; the target model and its membership are never used).
+
+    The stand-in target is the next shadow after the target (cyclically); ties keep the
+    smallest ``a``.
+    """
+    m = len(inputs.scores)
+    if m < 3:
+        raise ValueError("tuning offline RMIA's a needs at least 3 models (target, stand-in, ref)")
+    stand_in = (inputs.target + 1) % m
+    refs = np.flatnonzero((np.arange(m) != inputs.target) & (np.arange(m) != stand_in))
+    labels = inputs.keep[stand_in].astype(bool)
+    if labels.all() or not labels.any():
+        return 1.0
+    best, best_auc = grid[0], -1.0
+    for a in grid:
+        s = _offline_scores(
+            inputs.scores, inputs.keep, inputs.population, stand_in, refs, a, inputs.gamma
+        )
+        fpr, tpr, _ = roc_curve(labels, s)
+        value = auc(fpr, tpr)
+        if value > best_auc + 1e-12:
+            best, best_auc = a, value
+    return best
+
+
+def _rmia_offline(inputs: AttackInputs) -> np.ndarray:
+    """Offline RMIA: ``Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2`` from the shadows that did not
+    train on x, ``a`` tuned on the shadows (:func:`tune_offline_a`)."""
+    a = inputs.offline_a if inputs.offline_a is not None else tune_offline_a(inputs)
+    refs = np.flatnonzero(np.arange(len(inputs.scores)) != inputs.target)
+    return _offline_scores(
+        inputs.scores, inputs.keep, inputs.population, inputs.target, refs, a, inputs.gamma
+    )
 
 
 ATTACKS.register(
@@ -137,7 +264,16 @@ ATTACKS.register(
     Attack("lira-online", _lira_online, True, "LiRA online, fixed variance"),
     aliases=("lira", "online-lira"),
 )
-ATTACKS.register("rmia", Attack("rmia", _rmia, True, "RMIA (reference models, gamma)"))
+ATTACKS.register(
+    "rmia",
+    Attack("rmia", _rmia, True, "RMIA online (all reference models, gamma)"),
+    aliases=("rmia-online",),
+)
+ATTACKS.register(
+    "rmia-offline",
+    Attack("rmia-offline", _rmia_offline, True, "RMIA offline (OUT models, a tuned on shadows)"),
+    aliases=("offline-rmia",),
+)
 
 
 def run_attack(
@@ -146,11 +282,15 @@ def run_attack(
     keep: np.ndarray,
     population: np.ndarray,
     gamma: float = 1.0,
+    offline_a: float | None = None,
 ) -> np.ndarray:
     """Attack every model in turn (leave-one-out); returns ``(M, N)`` membership scores."""
     attack = ATTACKS.get(name)
     if attack.shadows and len(scores) < 2:
         raise ValueError(f"attack {attack.name!r} needs at least 2 models (one target, shadows)")
     return np.stack(
-        [attack.fn(AttackInputs(scores, keep, population, t, gamma)) for t in range(len(scores))]
+        [
+            attack.fn(AttackInputs(scores, keep, population, t, gamma, offline_a))
+            for t in range(len(scores))
+        ]
     )
