@@ -8,6 +8,29 @@ The auditor guesses "in" for the ``k+`` highest-scoring examples and "out" for t
 dominated by ``Binomial(r, e^eps / (1 + e^eps))`` (their Theorem 3.1 / Proposition 5.7); the
 largest ``eps`` whose p-value is still below ``1 - confidence`` is a lower bound on the run's
 true epsilon at that confidence.
+
+The bound cannot exceed what ``m`` allows: even with every guess correct, ``r`` guesses certify
+at most ``logit((1 - confidence)^(1/r))`` when ``delta = 0``. :attr:`AuditResult.max_epsilon`
+reports that ceiling (:func:`max_visible_epsilon`) beside every bound, so "0.00" can be told
+from "the audit could not see more".
+
+More audit examples raise the ceiling only while ``2 m delta`` is small next to the
+Bonferroni-corrected level ``1 - confidence``. The audit examples are all candidates of a model
+(``data.pool_size`` pool examples plus ``canaries.per_type`` x ``len(canaries.types)`` inserted
+canaries), so ``--set canaries.per_type=N`` adds audit canaries. Ceilings at 95% over 18 models
+(the quick profile's correction), guess fractions (0.01, 0.03, 0.1):
+
+======== ============ =========== ============ ============
+delta     m = 1,032    m = 3,000   m = 10,000   m = 30,000
+======== ============ =========== ============ ============
+1e-5       2.50         2.38        2.28         2.22
+1e-6       3.33         4.34        4.89         4.77
+1e-7       3.36         4.44        5.62         6.65
+0          3.37         4.45        5.66         6.76
+======== ============ =========== ============ ============
+
+At the harness's default ``delta = 1e-5`` more canaries lower the ceiling; auditing at a
+smaller ``dp.delta`` (the accountant reports its epsilon at the same delta) lifts it.
 """
 
 from __future__ import annotations
@@ -18,7 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["AuditResult", "epsilon_lower_bound", "one_run_audit", "p_value"]
+__all__ = [
+    "AuditResult",
+    "epsilon_lower_bound",
+    "max_visible_epsilon",
+    "one_run_audit",
+    "p_value",
+]
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float = 0.0) -> float:
@@ -72,6 +101,8 @@ class AuditResult:
         epsilon: the lower bound.
         m: audit examples; r: guesses; v: correct guesses (of the best setting).
         confidence: the per-test confidence used (after the Bonferroni correction).
+        max_epsilon: the largest bound this audit could have shown (every guess correct, at the
+            largest guess count), whatever the model: a ceiling set by ``m`` and the confidence.
     """
 
     epsilon: float
@@ -79,6 +110,7 @@ class AuditResult:
     r: int
     v: int
     confidence: float
+    max_epsilon: float = float("nan")
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -87,7 +119,33 @@ class AuditResult:
             "r": self.r,
             "v": self.v,
             "confidence": self.confidence,
+            "max_epsilon": self.max_epsilon,
         }
+
+
+def _guess_counts(m: int, guess_fractions: tuple[float, ...]) -> list[int]:
+    """``k`` per fraction: ``k`` guesses "in" and ``k`` "out", at least 1, at most ``m // 2``."""
+    return [k for k in (min(max(1, round(f * m)), m // 2) for f in guess_fractions) if k > 0]
+
+
+def _per_test(confidence: float, guess_fractions: tuple[float, ...], tests: int) -> float:
+    return 1.0 - (1.0 - confidence) / (len(guess_fractions) * tests)
+
+
+def max_visible_epsilon(
+    m: int,
+    guess_fractions: tuple[float, ...] = (0.01, 0.03, 0.1),
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    tests: int = 1,
+) -> float:
+    """The largest bound :func:`one_run_audit` can return for ``m`` audit examples: every guess
+    correct at the largest guess count, at the Bonferroni-corrected confidence."""
+    counts = _guess_counts(m, guess_fractions)
+    if not counts:
+        return 0.0
+    per_test = _per_test(confidence, guess_fractions, tests)
+    return max(epsilon_lower_bound(m, 2 * k, 2 * k, delta, per_test) for k in counts)
 
 
 def one_run_audit(
@@ -108,15 +166,13 @@ def one_run_audit(
     scores = np.asarray(scores, dtype=np.float64)
     member = np.asarray(member, dtype=bool)
     m = len(scores)
-    per_test = 1.0 - (1.0 - confidence) / (len(guess_fractions) * tests)
+    per_test = _per_test(confidence, guess_fractions, tests)
+    ceiling = max_visible_epsilon(m, guess_fractions, delta, confidence, tests)
     order = np.argsort(-scores, kind="mergesort")
-    best = AuditResult(0.0, m, 0, 0, per_test)
-    for f in guess_fractions:
-        k = min(max(1, round(f * m)), m // 2)
-        if k == 0:
-            continue
+    best = AuditResult(0.0, m, 0, 0, per_test, ceiling)
+    for k in _guess_counts(m, guess_fractions):
         v = int(member[order[:k]].sum() + (~member[order[-k:]]).sum())
         eps = epsilon_lower_bound(m, 2 * k, v, delta, per_test)
         if eps > best.epsilon or best.r == 0:
-            best = AuditResult(eps, m, 2 * k, v, per_test)
+            best = AuditResult(eps, m, 2 * k, v, per_test, ceiling)
     return best

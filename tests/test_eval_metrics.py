@@ -5,7 +5,12 @@ import math
 import numpy as np
 import pytest
 import safenorm.evaluation.metrics as metrics
-from safenorm.evaluation.audit import epsilon_lower_bound, one_run_audit, p_value
+from safenorm.evaluation.audit import (
+    epsilon_lower_bound,
+    max_visible_epsilon,
+    one_run_audit,
+    p_value,
+)
 from safenorm.evaluation.metrics import (
     CI_METHODS,
     auc,
@@ -244,3 +249,24 @@ def test_skew_normal_moment_fit_recovers_the_parameters():
     new = stats.skewnorm.rvs(4.0, size=20000, random_state=2)
     mean_bits = extrapolated_exposure(new, refs, fit="skewnorm").mean()
     assert mean_bits == pytest.approx(1 / math.log(2), abs=0.05)
+
+
+@pytest.mark.parametrize("m", [200, 1032, 10000])
+def test_audit_ceiling_is_the_bound_with_every_guess_correct(m):
+    fractions, tests = (0.01, 0.03, 0.1), 18
+    level = 0.05 / (len(fractions) * tests)
+    # delta = 0: all r guesses correct certifies logit(level^(1/r)); the largest r wins
+    r = 2 * min(max(1, round(0.1 * m)), m // 2)
+    q = level ** (1 / r)
+    assert max_visible_epsilon(m, fractions, 0.0, 0.95, tests) == pytest.approx(
+        math.log(q / (1 - q)), abs=1e-6
+    )
+    # with delta, it is what a perfect attack (scores = membership) gets, and no audit beats it
+    rng = np.random.default_rng(m)
+    member = rng.random(m) < 0.5
+    ceiling = max_visible_epsilon(m, fractions, 1e-5, 0.95, tests)
+    perfect = one_run_audit(member + 0.01 * rng.random(m), member, fractions, 1e-5, 0.95, tests)
+    assert perfect.epsilon == pytest.approx(ceiling) and perfect.max_epsilon == ceiling
+    noisy = one_run_audit(member + rng.normal(size=m), member, fractions, 1e-5, 0.95, tests)
+    assert noisy.epsilon <= noisy.max_epsilon == ceiling
+    assert noisy.to_dict()["max_epsilon"] == ceiling
