@@ -139,25 +139,31 @@ class AttackConfig:
     """Membership-inference attacks, their metrics and the DP audit.
 
     Attributes:
-        attacks: registered attacks to run (``loss``, ``lira-offline``, ``lira-online``, ``rmia``).
+        attacks: registered attacks to run (``loss``, ``lira-offline``, ``lira-online``, ``rmia``,
+            ``rmia-offline``).
         headline: the attack shown in the summary table.
         fprs: false-positive rates at which TPR is reported.
-        ci: confidence-interval method (``analytic``: Hanley-McNeil for AUC and Clopper-Pearson for
-            TPR; ``bootstrap``: stratified percentile bootstrap).
+        ci: confidence-interval method (``bootstrap``: resample whole examples and whole models,
+            the one that covers in the harness's design; ``examples``, ``pairs`` and ``analytic``
+            assume more, see ``safenorm.evaluation.metrics.CI_METHODS``).
         confidence: coverage of the intervals.
-        bootstrap: bootstrap replicates (``ci="bootstrap"``).
+        bootstrap: replicates of the resampling interval methods.
         rmia_gamma: RMIA's likelihood-ratio threshold.
         audit_confidence: confidence of the one-run audit's lower bound.
         audit_guess_fractions: fractions of audit examples guessed "in" (and as many "out");
-            the bound is Bonferroni-corrected over these and over the models.
+            the bound is Bonferroni-corrected over these and over the models. The audit
+            examples are all candidates (pool plus inserted canaries): more audit canaries come
+            from ``canaries.per_type``; the report shows the largest bound the audit could
+            reach with its m (see ``safenorm.evaluation.audit``: at ``dp.delta = 1e-5`` more
+            canaries lower that ceiling, a smaller ``dp.delta`` lifts it).
         train_mode_queries: also attack train-mode (batch-statistics) queries, reported as a
             separate threat model.
     """
 
-    attacks: tuple[str, ...] = ("loss", "lira-offline", "lira-online", "rmia")
+    attacks: tuple[str, ...] = ("loss", "lira-offline", "lira-online", "rmia", "rmia-offline")
     headline: str = "lira-online"
     fprs: tuple[float, ...] = (0.01, 0.001)
-    ci: str = "analytic"
+    ci: str = "bootstrap"
     confidence: float = 0.95
     bootstrap: int = 200
     rmia_gamma: float = 1.0

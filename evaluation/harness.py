@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -33,7 +34,12 @@ from safenorm.evaluation.audit import one_run_audit
 from safenorm.evaluation.canaries import Universe, build_universe, membership_masks
 from safenorm.evaluation.config import EvalConfig
 from safenorm.evaluation.data import ImageDataset, load_dataset
-from safenorm.evaluation.metrics import exposure, reference_exposure, summarize_roc
+from safenorm.evaluation.metrics import (
+    exposure,
+    extrapolated_exposure,
+    reference_exposure,
+    summarize_roc,
+)
 from safenorm.evaluation.models import build_model
 from safenorm.evaluation.scoring import score_model
 from safenorm.evaluation.training import TRAINERS, DivergenceError, seed_everything
@@ -448,6 +454,13 @@ def _median(x: np.ndarray) -> float:
     return float(np.median(x)) if len(x) else float("nan")
 
 
+# extrapolated exposure: a normal fit to each model's reference scores (the skew-normal of the
+# Secret Sharer paper needs the sample skewness, too noisy with tens of references); a canary
+# the model never saw scores log2(e) bits on average (its tail probability is uniform)
+EXPOSURE_FIT = "normal"
+EXTRAPOLATED_REFERENCE = 1 / math.log(2)
+
+
 def analyze_variant(
     variant: str, models: Sequence[dict[str, np.ndarray]], universe: Universe, config: EvalConfig
 ) -> VariantResult:
@@ -519,19 +532,26 @@ def analyze_variant(
     # canary memorization: exposure and the in-out gap of phi
     S = threats["eval"]
     canaries: dict[str, Any] = {}
-    all_in, all_out = [], []
+    all_in, all_out, all_xin, all_xout = [], [], [], []
     for t in u.canary_types:
         c_cols = canary_cols[ctype[canary_cols] == t]
         r_cols = u.indices("reference")[ctype[u.indices("reference")] == t]
-        exp_in, exp_out = [], []
+        exp_in, exp_out, x_in, x_out = [], [], [], []
         for m in range(len(models)):
             e = exposure(S[m, c_cols], S[m, r_cols])
+            # the rank-based value saturates at log2(R + 1); the extrapolated one does not
+            x = extrapolated_exposure(S[m, c_cols], S[m, r_cols], EXPOSURE_FIT)
             member = keep[m, c_cols]
             exp_in.append(e[member])
             exp_out.append(e[~member])
+            x_in.append(x[member])
+            x_out.append(x[~member])
         ein, eout = np.concatenate(exp_in), np.concatenate(exp_out)
+        xin, xout = np.concatenate(x_in), np.concatenate(x_out)
         all_in.append(ein)
         all_out.append(eout)
+        all_xin.append(xin)
+        all_xout.append(xout)
         k = keep[:, c_cols]
         s = S[:, c_cols]
         n_in, n_out = k.sum(0), (~k).sum(0)
@@ -546,16 +566,25 @@ def analyze_variant(
             "exposure_out": float(eout.mean()) if len(eout) else None,
             "exposure_reference": reference_exposure(len(r_cols)),
             "max_exposure": float(np.log2(len(r_cols) + 1)),
+            "extrapolated_in": float(xin.mean()) if len(xin) else None,
+            "extrapolated_out": float(xout.mean()) if len(xout) else None,
+            "extrapolated_reference": EXTRAPOLATED_REFERENCE,
+            "extrapolated_fit": EXPOSURE_FIT,
             "in_out_gap": float(gap),
         }
         result.exposures[t] = ein
     if all_in:
         ein, eout = np.concatenate(all_in), np.concatenate(all_out)
+        xin, xout = np.concatenate(all_xin), np.concatenate(all_xout)
         refs = [c["exposure_reference"] for c in canaries.values()]
         summary["exposure"] = {
             "in": float(ein.mean()) if len(ein) else None,
             "out": float(eout.mean()) if len(eout) else None,
             "reference": float(np.mean(refs)),
+            "extrapolated_in": float(xin.mean()) if len(xin) else None,
+            "extrapolated_out": float(xout.mean()) if len(xout) else None,
+            "extrapolated_reference": EXTRAPOLATED_REFERENCE,
+            "extrapolated_fit": EXPOSURE_FIT,
             "in_out_gap": float(np.mean([c["in_out_gap"] for c in canaries.values()])),
         }
         result.exposures["_out"] = eout
