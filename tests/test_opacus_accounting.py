@@ -232,8 +232,12 @@ def test_empty_poisson_batches_still_release_and_step():
 def test_pending_releases_warn_in_get_epsilon():
     engine = PrivacyEngine(accountant="rdp")
     model = mlp([6.0])
-    train(engine, model)
-    model(torch.randn(4, 6))  # a training forward after the last step
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gs_model, _, dp_loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    x, _ = next(iter(dp_loader))
+    gs_model(x)  # a training forward on the step's batch, before its optimizer step
     with pytest.warns(safenorm.PrivacyWarning, match="not yet accounted"):
         engine.get_epsilon(DELTA)
 

@@ -161,8 +161,9 @@ def train_with_bmm(model, physical):
 def test_batch_memory_manager_refused_when_layers_release():
     with pytest.raises(VirtualStepError, match="BatchMemoryManager"):
         train_with_bmm(make(safenorm.DPBatchNorm2d(4)), physical=4)
-    engine = train_with_bmm(make(safenorm.DPBatchNorm2d(4)), physical=1000)  # no split: fine
-    assert len(engine.accountant.history) == 1
+    # Unsplit too: its batches come from its own loader, not tied to the step's Poisson batch.
+    with pytest.raises(VirtualStepError, match="Iterate the data loader returned"):
+        train_with_bmm(make(safenorm.DPBatchNorm2d(4)), physical=1000)
     engine = train_with_bmm(make(safenorm.DPBatchNorm2d(4, frozen_statistics=True)), physical=4)
     assert engine.accountant.history[0][0] == 1.0  # frozen: gradient noise only
 

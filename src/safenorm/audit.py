@@ -69,7 +69,14 @@ def _finding(name: str, module: nn.Module, kind: str, reason: str, fix: str) -> 
     return Finding(name=name, layer=type(module).__name__, kind=kind, reason=reason, fix=fix)
 
 
-def _releases_running_stats(name: str, module: nn.Module, what: str) -> Iterator[Finding]:
+_FIX_BATCHNORM_STATISTICS = (
+    "train with DPBatchNorm, or recompute them with the DP mechanism before release"
+)
+
+
+def _releases_running_stats(
+    name: str, module: nn.Module, what: str, fix: str = _FIX_BATCHNORM_STATISTICS
+) -> Iterator[Finding]:
     if getattr(module, "running_mean", None) is not None:
         yield _finding(
             name,
@@ -77,7 +84,7 @@ def _releases_running_stats(name: str, module: nn.Module, what: str) -> Iterator
             "releases-statistics",
             f"its running_mean/running_var are {what} of the training data and ship in every "
             "checkpoint.",
-            "train with DPBatchNorm, or recompute them with the DP mechanism before release",
+            fix,
         )
 
 
@@ -149,7 +156,13 @@ def _check_dp(name: str, module: nn.Module) -> Iterator[Finding]:
 
 @register_check(_InstanceNorm)
 def _check_instancenorm(name: str, module: nn.Module) -> Iterator[Finding]:
-    yield from _releases_running_stats(name, module, "an unprotected summary")
+    yield from _releases_running_stats(
+        name,
+        module,
+        "an unprotected summary",
+        "construct it with track_running_stats=False (InstanceNorm normalizes each sample with "
+        "its own statistics and needs no running ones)",
+    )
 
 
 def find_unsafe_layers(model: nn.Module) -> list[Finding]:

@@ -131,6 +131,15 @@ class ReleaseLedger:
     release at the time it was made. :meth:`consume` returns (and forgets) the releases made
     since the last call: one optimizer step's worth.
 
+    With a ``classify`` function (``safenorm.opacus.PrivacyEngine`` sets one), each release is
+    filed when it is made: on the step's own Poisson batch (``classify() is True``: returned by
+    :meth:`consume`, composed with the step's gradient release) or not (returned by
+    :meth:`consume_unsampled`, accounted as an unsubsampled Gaussian). Without one, every
+    release is filed as a step release.
+
+    Copies of a model (``copy.deepcopy``, pickling, ``AveragedModel``) do not carry the ledger's
+    hooks: a copy is unaccounted until a ledger watches it.
+
     Example::
 
         >>> ledger = ReleaseLedger(model)
@@ -138,9 +147,14 @@ class ReleaseLedger:
         >>> sigma = sigma_eff(1.0, ledger.consume())
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: nn.Module | None = None, classify: Callable[[], bool] | None = None
+    ) -> None:
         self._pending: list[float] = []
+        self._unsampled: list[float] = []
         self._handles: list[RemovableHandle] = []
+        #: ``classify() -> bool``: whether a release made now is on the step's own batch.
+        self.classify = classify
         #: Releases recorded since construction.
         self.total_releases = 0
         if model is not None:
@@ -154,17 +168,29 @@ class ReleaseLedger:
         return len(layers)
 
     def _on_release(self, layer: DPBatchNorm, num_releases: int) -> None:
-        self._pending.extend([float(layer.noise_multiplier)] * num_releases)
+        on_step_batch = self.classify is None or self.classify()
+        target = self._pending if on_step_batch else self._unsampled
+        target.extend([float(layer.noise_multiplier)] * num_releases)
         self.total_releases += num_releases
 
     @property
     def pending(self) -> tuple[float, ...]:
-        """Noise multipliers of the releases not yet consumed."""
+        """Noise multipliers of the step releases not yet consumed."""
         return tuple(self._pending)
 
+    @property
+    def unsampled(self) -> tuple[float, ...]:
+        """Noise multipliers of the releases made off the step's batch, not yet consumed."""
+        return tuple(self._unsampled)
+
     def consume(self) -> tuple[float, ...]:
-        """The releases made since the last call, then forget them."""
+        """The step releases made since the last call, then forget them."""
         released, self._pending = tuple(self._pending), []
+        return released
+
+    def consume_unsampled(self) -> tuple[float, ...]:
+        """The releases made off the step's batch since the last call, then forget them."""
+        released, self._unsampled = tuple(self._unsampled), []
         return released
 
     def close(self) -> None:

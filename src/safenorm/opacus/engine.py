@@ -18,7 +18,13 @@ from torch.utils.hooks import RemovableHandle
 
 from safenorm.convert import convert_batchnorm
 from safenorm.opacus.grad_samplers import record_statistics
-from safenorm.opacus.validation import check_functorch_coverage, validate_model
+from safenorm.opacus.step_batch import StepBatchTracker, track_loader_batches
+from safenorm.opacus.validation import (
+    BufferWriteGuard,
+    check_distributed_sync,
+    check_functorch_coverage,
+    validate_model,
+)
 from safenorm.privacy import (
     DEFAULT_STATISTICS_SHARE,
     NoisePlan,
@@ -72,6 +78,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         self._ledgers: list[ReleaseLedger] = []
+        self._trackers: list[StepBatchTracker] = []
+        self._flushes: list[Callable[[], None]] = []
         self._handles: list[RemovableHandle] = []
         #: The noise split chosen by the last :meth:`make_private_with_epsilon` (else ``None``).
         self.noise_plan: NoisePlan | None = None
@@ -228,7 +236,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             **kwargs,
         )
         dp_optimizer, dp_loader = out[1], out[-1]
-        self._attach(inner, dp_optimizer, sample_rate=1 / len(dp_loader))
+        self._attach(inner, dp_optimizer, dp_loader, sample_rate=1 / len(dp_loader))
         return out
 
     def make_private_with_epsilon(
@@ -315,20 +323,37 @@ class PrivacyEngine(opacus.PrivacyEngine):
         )
 
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent so far (gradient and statistics releases of every step taken).
+        """Epsilon spent so far: every step taken and every release off the steps' batches.
 
-        Releases made after the last optimizer step are not in it yet; a warning says so.
+        Releases made on the current step's batch before its optimizer step are not in it yet
+        (they compose with that step's gradient release); a warning says so.
         """
+        for flush in self._flushes:
+            flush()
         pending = sum(len(ledger.pending) for ledger in self._ledgers)
         if pending:
             warnings.warn(
-                f"{pending} statistics releases were made since the last optimizer step and are "
-                "not yet accounted (they will be at the next step); the epsilon returned does "
-                "not include them",
+                f"{pending} statistics releases were made on the current batch since the last "
+                "optimizer step and are not yet accounted (they will be at the next step); the "
+                "epsilon returned does not include them",
                 PrivacyWarning,
                 stacklevel=2,
             )
         return super().get_epsilon(delta)
+
+    def declare_step_input(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Declare ``tensor`` an input computed sample by sample from the current batch of the
+        DP data loader only (e.g. augmented on the device), so that the releases of a forward on
+        it are charged with the step. Returns ``tensor``.
+
+        Without the declaration, a forward on anything other than the loader's batch (or a
+        device / dtype copy of it) is accounted as a release on the whole dataset.
+        """
+        if not self._trackers:
+            raise RuntimeError("declare_step_input: no model was made private by this engine")
+        for tracker in self._trackers:
+            tracker.declare(tensor)
+        return tensor
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -343,7 +368,95 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 )
             layer.secure_mode = True
 
-    def _attach(self, model: nn.Module, optimizer: DPOptimizer, sample_rate: float) -> None:
+    def _attach(
+        self,
+        model: nn.Module,
+        optimizer: DPOptimizer,
+        data_loader: DataLoader,
+        sample_rate: float,
+    ) -> None:
+        check_distributed_sync(model, optimizer)
+        self._set_denominators(model, optimizer)
+        guard = BufferWriteGuard(model)
+        accountant, plan = self.accountant, self.noise_plan
+        warned = [False]
+
+        def account(sigma: float, rate: float) -> None:
+            if accountant.mechanism() == "gdp" and accountant.history:
+                last_sigma, last_rate, _ = accountant.history[-1]
+                if (last_sigma, last_rate) != (sigma, rate):
+                    raise ValueError(
+                        "the gdp accountant composes only identical steps, but this training "
+                        "made statistics releases that differ from the steps (off the step's "
+                        "batch, or a varying number per step); use accountant='rdp' or 'prv'"
+                    )
+            accountant.step(noise_multiplier=sigma, sample_rate=rate)
+
+        def flush_unsampled() -> None:
+            # Off the step's batch: no subsampling, and the batch's membership may shift when one
+            # sample is added or removed (it can enter a batch and push another out), so each
+            # release has sensitivity 2R: a Gaussian with noise multiplier sigma_r / 2, q = 1.
+            releases = ledger.consume_unsampled()
+            if releases:
+                account(sigma_eff(None, [s / 2 for s in releases]), 1.0)
+
+        def flush_unstepped() -> None:
+            # Releases on a Poisson batch that no optimizer step consumed: a statistics-only
+            # subsampled Gaussian on that batch.
+            flush_unsampled()
+            releases = ledger.consume()
+            if releases:
+                account(sigma_eff(None, releases), sample_rate)
+
+        tracker = StepBatchTracker(model, on_new_batch=flush_unstepped)
+        track_loader_batches(data_loader, tracker)
+        ledger = ReleaseLedger(model, classify=tracker.release_is_on_step_batch)
+        self._ledgers.append(ledger)
+        self._trackers.append(tracker)
+        self._flushes.append(flush_unsampled)
+
+        def step_hook(optim: DPOptimizer) -> None:
+            guard.check()
+            flush_unsampled()
+            releases = ledger.consume()
+            tracker.close()
+            if plan is not None and len(releases) > plan.num_releases and not warned[0]:
+                warnings.warn(
+                    f"{len(releases)} statistics releases in one step, but "
+                    f"make_private_with_epsilon planned {plan.num_releases}: epsilon will exceed "
+                    "the target (get_epsilon reports the true value); pass forwards_per_step",
+                    PrivacyWarning,
+                    stacklevel=2,
+                )
+                warned[0] = True
+            account(
+                sigma_eff(optim.noise_multiplier, releases),
+                sample_rate * optim.accumulated_iterations,
+            )
+
+        # Replaces Opacus' own accounting hook (attach_step_hook keeps one hook).
+        optimizer.attach_step_hook(step_hook)
+
+        original_signal = optimizer.signal_skip_step
+
+        def signal_skip_step(do_skip: bool = True) -> None:
+            # Only BatchMemoryManager signals; its batches come from its own loader, which the
+            # engine cannot tie to the step's Poisson batch (and a split is cut by position).
+            if releasing_layers(model):
+                names = ", ".join(name for name, _ in releasing_layers(model))
+                raise VirtualStepError(
+                    f"BatchMemoryManager with DP layers that release statistics ({names}): "
+                    "physical batches are cut by position, so one sample changes every later "
+                    "one and the releases' privacy cost is not bounded, and even unsplit "
+                    "batches come from BatchMemoryManager's own loader, which the engine cannot "
+                    "tie to the step's Poisson batch. Iterate the data loader returned by "
+                    "make_private directly, or use frozen_statistics=True layers."
+                )
+            original_signal(do_skip)
+
+        optimizer.signal_skip_step = signal_skip_step
+
+    def _set_denominators(self, model: nn.Module, optimizer: DPOptimizer) -> None:
         expected = optimizer.expected_batch_size
         world = (
             torch.distributed.get_world_size()
@@ -361,49 +474,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
                     f"DP layer '{name}': expected_batch_size {layer.expected_batch_size} replaced "
                     f"by the optimizer's expected batch size {denominator:g}",
                     PrivacyWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             layer.expected_batch_size = denominator
-
-        ledger = ReleaseLedger(model)
-        self._ledgers.append(ledger)
-        accountant, plan = self.accountant, self.noise_plan
-        warned = [False]
-
-        def step_hook(optim: DPOptimizer) -> None:
-            releases = ledger.consume()
-            if plan is not None and len(releases) > plan.num_releases and not warned[0]:
-                warnings.warn(
-                    f"{len(releases)} statistics releases in one step, but "
-                    f"make_private_with_epsilon planned {plan.num_releases}: epsilon will exceed "
-                    "the target (get_epsilon reports the true value); pass forwards_per_step",
-                    PrivacyWarning,
-                    stacklevel=2,
-                )
-                warned[0] = True
-            accountant.step(
-                noise_multiplier=sigma_eff(optim.noise_multiplier, releases),
-                sample_rate=sample_rate * optim.accumulated_iterations,
-            )
-
-        # Replaces Opacus' own accounting hook (attach_step_hook keeps one hook).
-        optimizer.attach_step_hook(step_hook)
-
-        original_signal = optimizer.signal_skip_step
-
-        def signal_skip_step(do_skip: bool = True) -> None:
-            if do_skip and releasing_layers(model):
-                names = ", ".join(name for name, _ in releasing_layers(model))
-                raise VirtualStepError(
-                    "BatchMemoryManager split a logical batch into physical batches, but DP "
-                    f"layers ({names}) release statistics on each physical batch: physical "
-                    "batches are cut by position, so one sample changes every later one and the "
-                    "releases' privacy cost is not bounded. Use a max_physical_batch_size at "
-                    "least as large as the logical batches, or frozen_statistics=True layers."
-                )
-            original_signal(do_skip)
-
-        optimizer.signal_skip_step = signal_skip_step
 
     def release_ledgers(self) -> tuple[ReleaseLedger, ...]:
         """The release counters of the models made private by this engine."""

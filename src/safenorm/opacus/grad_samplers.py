@@ -62,23 +62,24 @@ def record_statistics(module: nn.Module) -> list[RemovableHandle]:
     """
     handles: list[RemovableHandle] = []
     for layer in module.modules():
-        if not isinstance(layer, DPBatchNorm):
-            continue
-
-        def pre_hook(layer: nn.Module, _input) -> None:
-            layer._safenorm_activation_count = len(getattr(layer, "activations", ()) or ())
-
-        def post_hook(layer: nn.Module, _input, _output) -> None:
-            before = getattr(layer, "_safenorm_activation_count", None)
-            activations = getattr(layer, "activations", None)
-            if before is None or not activations or len(activations) != before + 1:
-                return  # Opacus did not capture this forward (eval, no_grad, hooks disabled)
-            mean, var = _statistics_used(layer)
-            activations[-1][:0] = [mean, var, _STATS_MARK]
-
-        handles.append(layer.register_forward_pre_hook(pre_hook))
-        handles.append(layer.register_forward_hook(post_hook))
+        if isinstance(layer, DPBatchNorm):
+            handles.append(layer.register_forward_pre_hook(_count_activations))
+            handles.append(layer.register_forward_hook(_record_used_statistics))
     return handles
+
+
+# Module-level functions (not closures), so a model with these hooks still pickles.
+def _count_activations(layer: nn.Module, _input) -> None:
+    layer._safenorm_activation_count = len(getattr(layer, "activations", ()) or ())
+
+
+def _record_used_statistics(layer: nn.Module, _input, _output) -> None:
+    before = getattr(layer, "_safenorm_activation_count", None)
+    activations = getattr(layer, "activations", None)
+    if before is None or not activations or len(activations) != before + 1:
+        return  # Opacus did not capture this forward (eval, no_grad, hooks disabled)
+    mean, var = _statistics_used(layer)
+    activations[-1][:0] = [mean, var, _STATS_MARK]
 
 
 def statistics_for_backward(layer: DPBatchNorm, activations: list) -> tuple[Tensor, Tensor, Tensor]:

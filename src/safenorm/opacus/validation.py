@@ -10,18 +10,19 @@ does, and the buffer check is kept for every other layer.
 
 from __future__ import annotations
 
+import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from safenorm.audit import find_unsafe_layers
 from safenorm.modules import DPBatchNorm, SafeBatchNormBase
 
-__all__ = ["CouplingLayerError", "check_functorch_coverage", "validate_model"]
+__all__ = ["BufferWriteGuard", "CouplingLayerError", "check_functorch_coverage", "validate_model"]
 
 _CONVERT = (
     'safenorm.convert_batchnorm(model, "dp") (DPBatchNorm: noised statistics, accounted by this '
@@ -38,20 +39,30 @@ class CouplingLayerError(UnsupportedModuleError):
 
 
 def _coupling_messages(module: nn.Module) -> list[str]:
+    findings = find_unsafe_layers(module)
     messages = [
         f"{f.name or '<root>'} ({f.layer}): {f.reason} Convert it with {f.fix}."
-        for f in find_unsafe_layers(module)
+        for f in findings
         if f.kind == "couples-samples"
     ]
     flagged = {m.split(" (", 1)[0] for m in messages}
     for name, layer in module.named_modules():
         if isinstance(layer, _BatchNorm) and (name or "<root>") not in flagged:
+            flagged.add(name or "<root>")
             messages.append(
                 f"{name or '<root>'} ({type(layer).__name__}): a BatchNorm in eval mode still "
                 "ships running statistics of unknown provenance and becomes sample-coupling as "
                 f"soon as it is put in train mode. Convert it with {_FROZEN} if its statistics "
                 f"come from public pre-training, or {_CONVERT}."
             )
+    # Layers that do not couple samples but whose training forward writes a raw summary of the
+    # data into buffers that ship in the checkpoint (InstanceNorm with running statistics).
+    messages += [
+        f"{f.name or '<root>'} ({f.layer}): {f.reason} Its training forward writes them from the "
+        f"private data with no accounting. Fix: {f.fix}."
+        for f in findings
+        if f.kind == "releases-statistics" and (f.name or "<root>") not in flagged
+    ]
     return messages
 
 
@@ -123,4 +134,101 @@ def check_functorch_coverage(module: nn.Module, force_functorch: bool = False) -
         raise CouplingLayerError(
             "per-sample gradients of these layers would silently go through functorch:\n  - "
             + "\n  - ".join(problems)
+        )
+
+
+class BufferWriteGuard:
+    """Refuses training that writes data into the buffers of a layer other than a DP layer.
+
+    Registered layer types that write statistics (BatchNorm, InstanceNorm with running
+    statistics) are refused before training by :func:`validate_model`; a custom layer that writes
+    a floating-point buffer from its input would ship a raw summary of the private data in every
+    checkpoint, unaccounted. The guard notes each such buffer's identity, in-place version counter
+    and value when the model is made private; :meth:`check` (run by the engine at every optimizer
+    step, before the step is accounted) raises if one was replaced or changed. A version bump that
+    left the value unchanged (e.g. loading the same checkpoint) is accepted. Costs nothing while
+    no buffer is written.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._watched: list[tuple[str, nn.Module, str, Tensor, int, Tensor]] = []
+        for module_name, layer in model.named_modules():
+            if isinstance(layer, DPBatchNorm):
+                continue
+            for buffer_name, buffer in layer.named_buffers(recurse=False):
+                if buffer is None or not buffer.is_floating_point():
+                    continue
+                qualified = f"{module_name}.{buffer_name}" if module_name else buffer_name
+                snapshot = buffer.detach().clone()
+                self._watched.append(
+                    (qualified, layer, buffer_name, buffer, buffer._version, snapshot)
+                )
+
+    def check(self) -> None:
+        """Raise :class:`CouplingLayerError` naming every watched buffer that was written."""
+        written = []
+        for i, (qualified, layer, buffer_name, buffer, version, snapshot) in enumerate(
+            self._watched
+        ):
+            current = layer._buffers.get(buffer_name)
+            if current is buffer and current._version == version:
+                continue
+            if current is not None and torch.equal(current.detach(), snapshot):
+                self._watched[i] = (
+                    qualified,
+                    layer,
+                    buffer_name,
+                    current,
+                    current._version,
+                    snapshot,
+                )
+                continue
+            written.append(f"{qualified} ({type(layer).__name__})")
+        if written:
+            raise CouplingLayerError(
+                "these buffers were written during DP training: "
+                + ", ".join(written)
+                + ". A layer that stores values computed from its input ships a raw summary of "
+                "the private data in every checkpoint, with no privacy accounting. Stop the layer "
+                "from writing them in training (e.g. track_running_stats=False), or use a "
+                "safenorm DP layer for running statistics."
+            )
+
+
+def _is_distributed(model: nn.Module, optimizer: object) -> bool:
+    from opacus.optimizers import DistributedDPOptimizer
+
+    from_wrapper = isinstance(model, nn.parallel.DistributedDataParallel)
+    return from_wrapper or isinstance(optimizer, DistributedDPOptimizer)
+
+
+def check_distributed_sync(model: nn.Module, optimizer: object) -> None:
+    """Refuse DP layers that release per rank under distributed DP-SGD.
+
+    Opacus' distributed sampler assigns samples to ranks by a public, seeded permutation of the
+    whole dataset: adding one sample reassigns most of the others, so a release computed on one
+    rank's share has unbounded sensitivity. Only releases synced over every rank (clipped sums
+    all-reduced, noise added once: ``safenorm.distributed.convert_sync_statistics``) are the
+    single-process mechanism on the global batch.
+    """
+    if not _is_distributed(model, optimizer):
+        return
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    unsynced = [
+        name or "<root>"
+        for name, layer in model.named_modules()
+        if isinstance(layer, DPBatchNorm)
+        and not layer.frozen_statistics
+        and (layer.process_group is None or dist.get_world_size(layer.process_group) != world)
+    ]
+    if unsynced:
+        raise CouplingLayerError(
+            f"distributed DP-SGD with DP layers that are not synced over all {world} ranks: "
+            f"{', '.join(unsynced)}. Each rank's share of a batch comes from a public "
+            "permutation of the whole dataset, so one added or removed sample moves most others "
+            "to another rank and a per-rank release has unbounded sensitivity. Sync them first: "
+            "model = safenorm.distributed.convert_sync_statistics(model) (clipped sums "
+            "all-reduced over the default group, noise added once)."
         )
