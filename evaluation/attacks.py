@@ -219,11 +219,12 @@ def tune_offline_a(inputs: AttackInputs, grid: tuple[float, ...] = OFFLINE_A_GRI
     offline RMIA; the target model and its membership are never used).
 
     The stand-in target is the next shadow after the target (cyclically); ties keep the
-    smallest ``a``.
+    smallest ``a``. With fewer than 3 models there is nothing to tune on, and ``a = 1`` (the
+    plain ratio to the OUT models' mean) is used.
     """
     m = len(inputs.scores)
     if m < 3:
-        raise ValueError("tuning offline RMIA's a needs at least 3 models (target, stand-in, ref)")
+        return 1.0
     stand_in = (inputs.target + 1) % m
     refs = np.flatnonzero((np.arange(m) != inputs.target) & (np.arange(m) != stand_in))
     labels = inputs.keep[stand_in].astype(bool)

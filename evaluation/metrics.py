@@ -590,10 +590,5 @@ for _m in (
     MetricInfo("influence", False, "median influence through batch statistics on batch mates"),
     MetricInfo("epsilon", False, "accountant epsilon at delta"),
     MetricInfo("audit_epsilon", False, "one-run empirical epsilon lower bound"),
-    MetricInfo(
-        "audit_max_epsilon",
-        True,
-        "largest bound the audit could show with its m and confidence (every guess correct)",
-    ),
 ):
     METRICS.register(_m.name, _m)

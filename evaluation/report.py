@@ -40,6 +40,23 @@ def _ci(d: dict[str, float] | None, digits: int = 3) -> str:
     return f"{d['value']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
+def _tpr(d: dict[str, Any] | None) -> str:
+    """A TPR cell. Below the false-positive minimum (negatives x FPR < 10) it is not a TPR at
+    that FPR, and the cell says what it is: the TPR at <= k (or 0) false positives."""
+    if not d or d.get("meets_minimum", True):
+        return _ci(d)
+    k = math.floor(d["expected_false_positives"] + 1e-9)
+    return f"{'0 FP' if k == 0 else f'≤{k} FP'}: {_ci(d)}"
+
+
+def _audit(a: dict[str, Any] | None) -> str:
+    """An audit cell: the bound and, beside it, the largest bound the audit could show."""
+    if not a:
+        return "–"
+    ceiling = a.get("max_epsilon")
+    return _fmt(a.get("epsilon"), 2) + (f" (max {ceiling:.2f})" if ceiling is not None else "")
+
+
 def _delta(value: float | None, ref: float | None, digits: int = 3, scale: float = 1.0) -> str:
     if value is None or ref is None:
         return ""
@@ -57,11 +74,13 @@ def _summary_row(
 ) -> str:
     acc = _get(s, "test_acc", "mean")
     exp_in = _get(s, "exposure", "in")
+    xexp_in = _get(s, "exposure", "extrapolated_in")
     gr = _get(s, "gradients", "grad_norm_train", "ratio")
     auc_pool = _get(s, "membership", "eval", headline, "pool", "auc")
     auc_can = _get(s, "membership", "eval", headline, "canaries", "auc")
     ref_acc = _get(ref, "test_acc", "mean")
     ref_exp = _get(ref, "exposure", "in")
+    ref_xexp = _get(ref, "exposure", "extrapolated_in")
     ref_gr = _get(ref, "gradients", "grad_norm_train", "ratio")
     ref_auc = _get(ref, "membership", "eval", headline, "pool", "auc", "value")
     diverged = _get(s, "diverged", "count")
@@ -70,6 +89,7 @@ def _summary_row(
         f"{_fmt(acc * 100 if acc is not None else None, 1)}%"
         + (_delta(acc, ref_acc, 1, 100) if name != REFERENCE else ""),
         _fmt(exp_in, 2) + (_delta(exp_in, ref_exp, 2) if name != REFERENCE else ""),
+        _fmt(xexp_in, 2) + (_delta(xexp_in, ref_xexp, 2) if name != REFERENCE else ""),
         _fmt(gr, 2) + (_ratio(gr, ref_gr) if name != REFERENCE else ""),
         _ci(auc_pool)
         + (_delta(auc_pool["value"] if auc_pool else None, ref_auc) if name != REFERENCE else ""),
@@ -81,9 +101,9 @@ def _summary_row(
         ),
     ]
     for f in fprs:
-        cells.append(_ci(_get(s, "membership", "eval", headline, "pool", "tpr_at_fpr", f"{f:g}")))
+        cells.append(_tpr(_get(s, "membership", "eval", headline, "pool", "tpr_at_fpr", f"{f:g}")))
     cells.append(_fmt(s.get("epsilon"), 2))
-    cells.append(_fmt(_get(s, "audit", "epsilon"), 2))
+    cells.append(_audit(s.get("audit")))
     return "| " + " | ".join(cells) + " |"
 
 
@@ -111,26 +131,32 @@ def _markdown(
         "",
         f"Attack `{ac.headline}`, models queried in eval mode. Brackets: {ac.confidence:.0%} "
         f"intervals ({ac.ci}); parentheses: difference from (or ratio to) `bn`. Exposure in bits "
-        "(inserted canaries; a never-seen canary scores the reference level); grad-norm ratio = "
+        "(inserted canaries; a never-seen canary scores the reference level): rank-based, which "
+        "saturates at log2(references + 1), and extrapolated (Secret Sharer: -log2 of the tail "
+        "probability under a normal fit to the references; reference level log2 e = 1.44); "
+        "grad-norm ratio = "
         "median train-mode per-sample gradient norm of canaries / of typical examples. ε: the "
         f"accountant's at δ={config.dp.delta:g}; audit: one-run lower bound (Steinke et al. "
-        f"2023) at {ac.audit_confidence:.0%} confidence over all models. The strongest attack is "
+        f"2023) at {ac.audit_confidence:.0%} confidence over all models, with (max) the largest "
+        "bound it could show with its m and confidence (every guess correct). TPR at an FPR is "
+        "reported only where negatives × FPR ≥ 10; below that the cell is the TPR at the few "
+        "false positives allowed ('≤k FP', '0 FP'). The strongest attack is "
         "picked after the fact among all attacks (an optimistic summary).",
         "",
-        "| variant | test acc | exposure | grad-norm ratio | AUC (pool) | AUC (canaries) | "
-        "strongest attack (pool AUC) | "
+        "| variant | test acc | exposure | exposure (extrapolated) | grad-norm ratio | "
+        "AUC (pool) | AUC (canaries) | strongest attack (pool AUC) | "
         + " | ".join(f"TPR@{f:.1%} FPR" for f in fprs)
-        + " | ε | audit ε ≥ |",
-        "|---" * (9 + len(fprs)) + "|",
+        + " | ε | audit ε ≥ (max) |",
+        "|---" * (10 + len(fprs)) + "|",
     ]
     for name, s in summaries.items():
         lines.append(_summary_row(name, s, ref, ac.headline, fprs))
     for name, reason in unavailable.items():
-        lines.append(f"| {name} | unavailable: {reason} |" + " |" * (7 + len(fprs)))
+        lines.append(f"| {name} | unavailable: {reason} |" + " |" * (8 + len(fprs)))
     for name, missing in incomplete.items():
         lines.append(
             f"| {name} | incomplete: {len(missing)} models missing (run or merge the "
-            "other shards) |" + " |" * (7 + len(fprs))
+            "other shards) |" + " |" * (8 + len(fprs))
         )
     lines += [
         "",
@@ -160,13 +186,14 @@ def _markdown(
             lines.append(
                 f"Accountant ε = {s['epsilon']:.3f} at δ = {s['delta']:g}; one-run "
                 f"audit ε ≥ {a['epsilon']:.3f} (best model: {a['v']}/{a['r']} guesses "
-                f"correct of m = {a['m']})."
+                f"correct of m = {a['m']}; with m = {a['m']} it could show at most "
+                f"{_fmt(a.get('max_epsilon'), 3)})."
             )
         else:
             a = s["audit"]
             lines.append(
                 f"Not DP. One-run audit ε ≥ {a['epsilon']:.3f} ({a['v']}/{a['r']} "
-                f"correct of m = {a['m']})."
+                f"correct of m = {a['m']}; at most {_fmt(a.get('max_epsilon'), 3)} visible)."
             )
         lines.append("")
         for threat, title in (
@@ -189,22 +216,23 @@ def _markdown(
             ]
             for attack, e in s["membership"][threat].items():
                 cells = [attack, _ci(_get(e, "pool", "auc"))]
-                cells += [_ci(_get(e, "pool", "tpr_at_fpr", f"{f:g}")) for f in fprs]
+                cells += [_tpr(_get(e, "pool", "tpr_at_fpr", f"{f:g}")) for f in fprs]
                 cells.append(_ci(_get(e, "canaries", "auc")))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
         lines += [
             "Canaries (eval mode):",
             "",
-            "| type | exposure in | exposure out | reference | max | in−out gap of φ | "
-            f"AUC ({ac.headline}) |",
-            "|---|---|---|---|---|---|---|",
+            "| type | exposure in | exposure out | reference | max | extrapolated in | "
+            f"extrapolated out | in−out gap of φ | AUC ({ac.headline}) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         by_type = _get(s, "membership", "eval", ac.headline, "canaries_by_type") or {}
         for t, c in s["canaries"].items():
             lines.append(
                 f"| {t} | {_fmt(c['exposure_in'], 2)} | {_fmt(c['exposure_out'], 2)} | "
                 f"{_fmt(c['exposure_reference'], 2)} | {_fmt(c['max_exposure'], 2)} | "
+                f"{_fmt(c.get('extrapolated_in'), 2)} | {_fmt(c.get('extrapolated_out'), 2)} | "
                 f"{_fmt(c['in_out_gap'], 2)} | {_ci(by_type.get(t), 2)} |"
             )
         lines.append("")

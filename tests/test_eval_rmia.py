@@ -124,3 +124,5 @@ def test_offline_a_is_tuned_on_the_shadows_only():
     }
     assert stand_in[a] == max(stand_in.values())
     assert _auc(keep, run_attack("rmia-offline", scores, keep, pop)) > 0.6
+    # two models: nothing to tune on, a = 1
+    assert tune_offline_a(AttackInputs(scores[:2], keep[:2], pop[:2], target=0)) == 1.0
