@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -58,7 +59,8 @@ def _trained(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("kind", ["ghost", "clipped", "dp"])
 def test_converted_resnet_is_exact_in_eval_and_state_dicts_cross_load(kind):
     original = _trained(small_resnet())
-    converted = safenorm.convert_batchnorm(copy.deepcopy(original), kind)
+    public = {"statistics_are_public": True} if kind == "dp" else {}  # else reset: see below
+    converted = safenorm.convert_batchnorm(copy.deepcopy(original), kind, **public)
     kinds = {type(m).__name__ for m in converted.modules()}
     prefix = {"ghost": "Ghost", "clipped": "Clipped", "dp": "DP"}[kind]
     assert {f"{prefix}BatchNorm2d", f"{prefix}BatchNorm1d"} <= kinds
@@ -81,7 +83,9 @@ def test_conversion_shares_parameters_and_keeps_flags_device_dtype():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     params = {name: p for name, p in model.named_parameters()}
     buffers = {name: b for name, b in model.named_buffers()}
-    converted = safenorm.convert_batchnorm(model, "dp", noise_multiplier=3.0)
+    converted = safenorm.convert_batchnorm(
+        model, "dp", noise_multiplier=3.0, statistics_are_public=True
+    )
     assert converted is model
     for name, p in converted.named_parameters():
         assert p is params[name]
@@ -97,6 +101,31 @@ def test_conversion_shares_parameters_and_keeps_flags_device_dtype():
     converted(torch.randn(4, 3, 8, 8, dtype=torch.float64)).sum().backward()
     optimizer.step()
     assert not torch.equal(before, converted[1].weight)
+
+
+def test_dp_conversion_resets_trained_statistics_unless_declared_public():
+    """Before: a trained BN's raw running statistics seeded the DP layer's EMA, clip reference
+    and variance floor (and shipped), while the docs said they start from constants."""
+    original = _trained(small_resnet())
+    saved = {k: v.clone() for k, v in original.state_dict().items()}
+    with pytest.warns(safenorm.PrivacyWarning, match="reset to their initial values"):
+        converted = safenorm.convert_batchnorm(copy.deepcopy(original), "dp")
+    for name, module in converted.named_modules():
+        if isinstance(module, safenorm.DPBatchNorm):
+            assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean)), name
+            assert torch.equal(module.running_var, torch.ones_like(module.running_var)), name
+            assert int(module.num_batches_tracked) == 0
+    for key, value in original.state_dict().items():  # the source model is left as it was
+        assert torch.equal(value, saved[key]), key
+    frozen = safenorm.convert_batchnorm(copy.deepcopy(original), "dp", frozen_statistics=True)
+    kept = safenorm.convert_batchnorm(copy.deepcopy(original), "dp", statistics_are_public=True)
+    for model in (frozen, kept):
+        assert torch.equal(model[1].running_mean, original[1].running_mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # untrained statistics: reset silently
+        safenorm.convert_batchnorm(small_resnet(), "dp")
+    with pytest.raises(ValueError, match="kind='dp' only"):
+        safenorm.convert_batchnorm(small_resnet(), "clipped", statistics_are_public=True)
 
 
 def test_root_sync_and_subclass_conversion():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -23,7 +24,7 @@ from safenorm.modules import (
     GhostBatchNorm3d,
     SafeBatchNormBase,
 )
-from safenorm.warnings import ConversionWarning
+from safenorm.warnings import ConversionWarning, PrivacyWarning
 
 __all__ = ["KINDS", "convert_batchnorm", "target_class"]
 
@@ -76,7 +77,13 @@ def _is_convertible(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm, SafeBatchNormBase))
 
 
-def _convert_one(module: nn.Module, kind: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _convert_one(
+    module: nn.Module,
+    kind: str,
+    name: str,
+    kwargs: dict[str, Any],
+    statistics_are_public: bool = False,
+) -> nn.Module:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(
             f"layer '{name}' ({type(module).__name__}) is still uninitialized; run one forward "
@@ -92,10 +99,50 @@ def _convert_one(module: nn.Module, kind: str, name: str, kwargs: dict[str, Any]
         )
     new = target_class(module, kind).from_batchnorm(module, **kwargs)
     new.layer_name = name or None
+    if isinstance(new, DPBatchNorm) and not statistics_are_public:
+        _reset_private_statistics(new, module)
     return new
 
 
-def convert_batchnorm(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
+def _holds_data(module: nn.Module) -> bool:
+    """Whether ``module``'s running statistics moved from their initial values."""
+    tracked = module.num_batches_tracked
+    return bool(
+        (tracked is not None and int(tracked) > 0)
+        or module.running_mean.count_nonzero() > 0
+        or (module.running_var != 1).any()
+    )
+
+
+def _reset_private_statistics(new: DPBatchNorm, source: nn.Module) -> None:
+    """Give a DP layer converted from a trained non-DP layer fresh running statistics.
+
+    A trained BatchNorm's buffers are a raw summary of its training data; in the DP layer they
+    would seed the running EMA, the clip reference and the variance floor of every release and
+    ship in the checkpoint. New tensors are assigned (the source layer keeps its own).
+    """
+    if new.frozen_statistics or new.running_mean is None:
+        return  # frozen: the caller declared them public (they are used as they are)
+    if isinstance(source, DPBatchNorm) and not source.frozen_statistics:
+        return  # already released values
+    if _holds_data(source):
+        warnings.warn(
+            f"{new._describe()}: the converted layer's running statistics (a raw summary of the "
+            "data it was trained on) were reset to their initial values, since the DP layer's "
+            "releases would start from them. Pass frozen_statistics=True to normalize with "
+            "them as public statistics, or statistics_are_public=True to keep them as the "
+            "starting point of the DP running statistics.",
+            PrivacyWarning,
+            stacklevel=4,
+        )
+    new._buffers["running_mean"] = torch.zeros_like(new.running_mean)
+    new._buffers["running_var"] = torch.ones_like(new.running_var)
+    new._buffers["num_batches_tracked"] = torch.zeros_like(new.num_batches_tracked)
+
+
+def convert_batchnorm(
+    model: nn.Module, kind: str, *, statistics_are_public: bool = False, **kwargs: Any
+) -> nn.Module:
     """Replace every BatchNorm in ``model`` by the safenorm layer of ``kind``.
 
     Converts ``nn.BatchNorm1d/2d/3d``, their lazy versions, ``nn.SyncBatchNorm`` (to the
@@ -103,9 +150,18 @@ def convert_batchnorm(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     The new layers share the original Parameter and buffer objects (weights, running statistics,
     device, dtype, ``requires_grad``) and keep the train/eval flag, so optimizers keep working.
 
+    Converting to ``"dp"`` resets the running statistics of every layer that is not already a
+    DP layer (new buffers: zeros, ones, 0; a :class:`~safenorm.warnings.PrivacyWarning` when
+    they held data): a trained BatchNorm's statistics are a raw summary of its training data
+    and would seed the DP layer's releases. They are kept with ``frozen_statistics=True``
+    (normalize with them, as public, e.g. pre-trained, statistics) or
+    ``statistics_are_public=True`` (start the DP running statistics from them).
+
     Args:
         model: the model, converted in place.
         kind: ``"ghost"``, ``"clipped"`` or ``"dp"``.
+        statistics_are_public: ``"dp"`` only: the existing running statistics come from public
+            data; keep them. Default: ``False``
         **kwargs: keyword arguments of the target class (e.g. ``noise_multiplier=4.0``).
 
     Returns:
@@ -117,11 +173,14 @@ def convert_batchnorm(model: nn.Module, kind: str, **kwargs: Any) -> nn.Module:
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; known kinds: {sorted(KINDS)}")
+    if statistics_are_public and kind != "dp":
+        raise ValueError("statistics_are_public applies to kind='dp' only")
     if _is_convertible(model):
-        return _convert_one(model, kind, "", kwargs)
+        return _convert_one(model, kind, "", kwargs, statistics_are_public)
     for name, module in model.named_modules():
         for child_name, child in list(module.named_children()):
             if _is_convertible(child):
                 full = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, _convert_one(child, kind, full, kwargs))
+                new = _convert_one(child, kind, full, kwargs, statistics_are_public)
+                setattr(module, child_name, new)
     return model
