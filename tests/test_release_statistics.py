@@ -104,3 +104,78 @@ def test_later_layers_see_released_earlier_statistics_and_dp_layers_are_kept():
     report = release_statistics(model, loader, 2.0, 1e-5)
     assert report.layers == ("1", "3") and report.num_releases == 4
     assert torch.equal(model[5].running_mean, dp_before)
+
+
+class _HeadDefinedFirst(nn.Module):
+    """Definition order head_bn, stem_bn; execution order stem_bn, then head_bn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 4)
+        self.stem = nn.Linear(4, 4)
+        self.stem_bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_bn(self.head(self.stem_bn(self.stem(x))))
+
+
+def test_release_follows_execution_order_not_definition_order():
+    """Before: head_bn was released first, on inputs normalized with stem_bn's RAW statistics,
+    so changing only stem_bn's raw running_mean moved head_bn's released mean."""
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=16)
+    released = []
+    for stem_mean in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = _HeadDefinedFirst()
+        with torch.no_grad():
+            model.stem_bn.running_mean.fill_(stem_mean)
+        report = release_statistics(
+            model, loader, 2.0, 1e-5, generator=torch.Generator().manual_seed(1)
+        )
+        assert report.layers == ("stem_bn", "head_bn")
+        released.append(model.head_bn.running_mean.clone())
+    torch.testing.assert_close(released[0], released[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        nn.InstanceNorm1d(4, affine=False, track_running_stats=True),  # unreleased statistics
+        nn.BatchNorm1d(4, track_running_stats=False),  # batch statistics in eval: coupling
+    ],
+    ids=["instancenorm-running-stats", "batch-statistics-in-eval"],
+)
+def test_release_refuses_a_coupling_or_unreleased_layer_before_a_released_one(before):
+    loader = DataLoader(TensorDataset(torch.randn(32, 4, 3)), batch_size=8)
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), before, nn.BatchNorm1d(4))
+    saved = model[2].running_mean.clone()
+    with pytest.raises(ValueError, match="runs before the released layers"):
+        release_statistics(model, loader, 2.0, 1e-5)
+    assert torch.equal(model[2].running_mean, saved)  # nothing released
+
+
+def test_release_refuses_a_layer_called_twice_and_dp_layers_without_running_statistics():
+    bn = nn.BatchNorm1d(4)
+    loader = DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8)
+    with pytest.raises(ValueError, match="runs 2 times per forward"):
+        release_statistics(nn.Sequential(bn, nn.Linear(4, 4), bn), loader, 2.0, 1e-5)
+    dp = safenorm.DPBatchNorm1d(4, track_running_stats=False, expected_batch_size=8)
+    with pytest.raises(ValueError, match="no running statistics"):
+        release_statistics(nn.Sequential(dp, nn.BatchNorm1d(4)), loader, 2.0, 1e-5)
+
+
+def test_release_refuses_loaders_that_repeat_samples():
+    model, loader = model_and_data(n=64)
+    saved = model[1].running_mean.clone()
+    dataset = loader.dataset
+    with_replacement = DataLoader(
+        dataset, batch_size=16, sampler=torch.utils.data.RandomSampler(dataset, replacement=True)
+    )
+    with pytest.raises(ValueError, match="at most once per pass"):
+        release_statistics(model, with_replacement, 2.0, 1e-5)
+    twice = DataLoader(dataset, batch_size=16, sampler=list(range(64)) * 2)
+    with pytest.raises(ValueError, match="yielded 128 samples"):
+        release_statistics(model, twice, 2.0, 1e-5)
+    assert torch.equal(model[1].running_mean, saved)

@@ -6,9 +6,10 @@ statistics recomputed over a data loader with the Gaussian mechanism of ``DPBatc
 (per-sample clipped sums plus Gaussian noise, public denominator) at a stated (epsilon, delta),
 so the model can ship without raw batch statistics.
 
-Mechanism, for each layer in module order (later layers see inputs normalized with the already
-released statistics of earlier ones, so every release depends on the data only through its own
-clipped sums and earlier releases)::
+Mechanism, for each layer in execution order (recorded by one forward of the first batch; later
+layers see inputs normalized with the already released statistics of earlier ones, so every
+release depends on the data only through its own clipped sums and earlier releases; a model in
+which a sample-coupling or unreleased-statistics layer runs before a released one is refused)::
 
     S_mu  = sum_i clip(m_i, R1) + N(0, sigma^2 R1^2 I)                mu~  = S_mu / D
     S_var = sum_i clip(w_i + (m_i - mu~)^2, R2) + N(0, sigma^2 R2^2 I)  var~ = max(S_var / D, floor)
@@ -21,7 +22,11 @@ together they are one Gaussian mechanism with ``mu = sqrt(2 L) / sigma``, whose 
 (epsilon, delta) curve (Balle and Wang 2018) calibrates ``sigma`` and is reported.
 
 This is a separate privacy cost: add it to the training epsilon (basic composition) if the
-model was trained with DP on the same data.
+model was trained with DP on the same data. The epsilon covers the statistics **given the
+weights**: it says nothing about weights trained without DP, which are themselves a function of
+the data. It assumes every sample appears at most once in the pass (loaders that sample with
+replacement are refused, and a pass that yields more samples than the dataset holds raises
+before anything is released).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from safenorm import functional as SF
+from safenorm.audit import find_unsafe_layers
 from safenorm.modules import DPBatchNorm, SafeBatchNormBase
 from safenorm.noise import gaussian_noise
 
@@ -154,6 +160,106 @@ def _candidates(model: nn.Module, include_dp: bool) -> list[tuple[str, nn.Module
     ]
 
 
+def _execution_order(model: nn.Module, data_loader: DataLoader) -> dict[nn.Module, list[int]]:
+    """The call indices of every module in one eval-mode forward of the first batch."""
+    calls: dict[nn.Module, list[int]] = {}
+    counter = [0]
+
+    def record(module: nn.Module, _args) -> None:
+        calls.setdefault(module, []).append(counter[0])
+        counter[0] += 1
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+    try:
+        batch = next(iter(data_loader))
+        model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _unreleased_influence(module: nn.Module) -> str | None:
+    """Why ``module``, running before a layer being released, would make that release depend on
+    other samples or on unreleased statistics (``None`` if it does not)."""
+    if isinstance(module, (_BatchNorm, SafeBatchNormBase)) and module.running_mean is None:
+        return "normalizes with batch statistics in eval mode (it couples samples)"
+    own = [f for f in find_unsafe_layers(module) if f.name == ""]
+    if own:
+        return own[0].reason
+    return None
+
+
+def _release_order(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], data_loader: DataLoader
+) -> list[tuple[str, nn.Module]]:
+    """``layers`` in execution order; refuses a model in which a release would see raw data.
+
+    Later releases see inputs normalized with the earlier layers' (already released) statistics,
+    so every layer that runs before a released one must be released before it, be a DP layer
+    with running statistics, or not depend on statistics at all.
+    """
+    calls = _execution_order(model, data_loader)
+    names = {module: name for name, module in model.named_modules()}
+    released = {module for _, module in layers}
+    for name, layer in layers:
+        if len(calls.get(layer, [])) > 1:
+            raise ValueError(
+                f"layer '{name}' runs {len(calls[layer])} times per forward: its statistics "
+                "would mix inputs of different depths and each sample would count several "
+                "times; give each call its own normalization layer"
+            )
+    ordered = sorted((pair for pair in layers if pair[1] in calls), key=lambda p: calls[p[1]][0])
+    if len(ordered) < len(layers):
+        unused = [name for name, layer in layers if layer not in calls]
+        raise ValueError(f"layers {unused} do not run in the model's forward; nothing to release")
+    last_release = calls[ordered[-1][1]][0] if ordered else 0
+    for module, indices in calls.items():
+        if module in released or indices[0] >= last_release:
+            continue
+        reason = _unreleased_influence(module)
+        if reason is not None:
+            later = [n for n, layer in ordered if calls[layer][0] > indices[0]]
+            raise ValueError(
+                f"layer '{names.get(module, '?')}' ({type(module).__name__}) runs before the "
+                f"released layers {later} but {reason}: their releases would depend on other "
+                "samples or on unreleased statistics. Convert it (e.g. to a DP layer with "
+                "running statistics) or remove it first."
+            )
+    return ordered
+
+
+def _refuse_eval_releases(model: nn.Module) -> None:
+    """DP layers without running statistics release on every eval forward (unaccounted here)."""
+    releasing = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, DPBatchNorm) and m.running_mean is None
+    ]
+    if releasing:
+        raise ValueError(
+            f"DP layers {releasing} have no running statistics, so every eval-mode forward of "
+            "the model (including the passes of release_statistics) releases their batch "
+            "statistics; construct them with track_running_stats=True"
+        )
+
+
+def _check_each_sample_once(data_loader: DataLoader) -> None:
+    """Refuse loaders that can yield a sample twice in one pass (the sensitivity assumes once)."""
+    sampler = getattr(data_loader, "sampler", None)
+    batch_sampler = getattr(data_loader, "batch_sampler", None)
+    with_replacement = getattr(sampler, "replacement", False) or getattr(
+        batch_sampler, "replacement", False
+    )
+    poisson = type(batch_sampler).__name__.startswith("UniformWithReplacement")
+    if with_replacement or poisson:
+        raise ValueError(
+            "release_statistics needs every sample at most once per pass, but the data loader "
+            "samples with replacement (or draws Poisson batches); pass a loader over the "
+            "dataset with a sequential or shuffled (without replacement) sampler"
+        )
+
+
 @torch.no_grad()
 def release_statistics(
     model: nn.Module,
@@ -190,6 +296,8 @@ def release_statistics(
     layers = _candidates(model, include_dp_layers)
     if not layers:
         raise ValueError("the model has no normalization layer with running statistics")
+    _check_each_sample_once(data_loader)
+    _refuse_eval_releases(model)
     dataset_size = len(data_loader.dataset)
     num_releases = 2 * len(layers)
     mu = gaussian_mu_for(epsilon, delta)
@@ -197,6 +305,7 @@ def release_statistics(
     was_training = model.training
     model.eval()
     try:
+        layers = _release_order(model, layers, data_loader)
         for _, layer in layers:
             channels = layer.num_features
             r1 = clip_norm or DEFAULT_MEAN_CLIP_PER_CHANNEL * math.sqrt(channels)
@@ -213,12 +322,17 @@ def release_statistics(
                 return draw.double() * (sigma * bound)
 
             total = None
-            spatial = 1
+            spatial = seen = 0
             for x in _layer_inputs(model, layer, data_loader):
                 m, _ = SF.per_sample_moments(x.double())
                 part = SF.clip_rows(m, r1).sum(0)
                 total = part if total is None else total + part
-                spatial = SF.spatial_size(x)
+                spatial, seen = SF.spatial_size(x), seen + x.shape[0]
+            if seen > dataset_size:  # checked before any noise is added: nothing released yet
+                raise ValueError(
+                    f"the data loader yielded {seen} samples in one pass over a dataset of "
+                    f"{dataset_size}: release_statistics needs every sample at most once"
+                )
             mean = (total + noise(r1, total.device)) / dataset_size
             total = None
             for x in _layer_inputs(model, layer, data_loader):
