@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from safenorm import ops as _ops
 from safenorm.noise import gaussian_noise, uniform_integers
 
 #: Sums a tensor over processes and returns the result (differentiable for the clipped variant).
@@ -522,6 +523,8 @@ def frozen_normalize(
         weight, bias: ``(C,)`` or ``None``.
         eps: added to the variance.
     """
+    if _ops.routes(x):  # the kernels (or the custom ops when compiling)
+        return _ops.normalize(x, mean, var, weight, bias, eps)
     mean, var = mean.detach(), var.detach()
     if mean.dim() == 2:
         return normalize(x, mean, var, weight, bias, eps)
@@ -563,6 +566,11 @@ def ghost_batch_norm(
         eps: added to the variance.
         ghost_batch_size: group size ``g``.
     """
+    if training and _ops.routes(input):  # the kernels (or the custom ops when compiling)
+        stage2 = _ops.Stage2(ghost_batch_size=ghost_batch_size)
+        return _ops.batch_norm_train(
+            input, running_mean, running_var, weight, bias, momentum, eps, stage2
+        )
     n = input.shape[0]
     if not training or ghost_batch_size is None or ghost_batch_size >= n:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -652,6 +660,17 @@ def clipped_batch_norm(
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if all_reduce is None and _ops.routes(input):  # the kernels (or the custom ops)
+        stage2 = _ops.Stage2(
+            ghost_batch_size=ghost_batch_size,
+            clip_norm=clip_norm,
+            var_clip_norm=var_clip_norm,
+            reference=reference,
+            detach_statistics=detach_statistics,
+        )
+        return _ops.batch_norm_train(
+            input, running_mean, running_var, weight, bias, momentum, eps, stage2
+        )
     m, w = per_sample_moments(input)
     groups = consecutive_groups(input.shape[0], ghost_batch_size, input.device)
     stats = clipped_statistics(
@@ -842,6 +861,26 @@ def dp_release(
         ``(mean, var)``: ``(C,)`` per-channel, or ``(N, C)`` per-sample with ghost groups under
         ``normalize_with="batch"``; biased variance, detached.
     """
+    if moments is None and all_reduce is None and _ops.routes(input):  # kernels / custom ops
+        stage2 = _ops.Stage2(
+            ghost_batch_size=ghost_batch_size,
+            clip_norm=clip_norm,
+            var_clip_norm=var_clip_norm,
+            reference=reference,
+            var_floor=var_floor,
+            noise_multiplier=noise_multiplier,
+            denominator=denominator,
+        )
+        return _ops.release(
+            input,
+            running_mean,
+            running_var,
+            momentum,
+            stage2,
+            normalize_with=normalize_with,
+            generator=generator,
+            secure_mode=secure_mode,
+        )
     if moments is None:
         with torch.no_grad():
             moments = per_sample_moments(input)

@@ -18,6 +18,7 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from safenorm import functional as SF
+from safenorm import ops
 from safenorm.functional import normalize
 
 __all__ = ["SafeBatchNormBase"]
@@ -240,6 +241,8 @@ class SafeBatchNormBase(nn.Module):
         self._check_batch(input)
         if not (self.check_statistics and self.training and self.track_running_stats):
             return self._batch_forward(input)
+        if getattr(self, "process_group", None) is None and ops.checks_in_kernel(input):
+            return self._forward_checked_in_kernel(input)
         buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         before = [b.clone() for b in buffers]
         output = self._batch_forward(input)
@@ -257,6 +260,20 @@ class SafeBatchNormBase(nn.Module):
         if not bool(finite):
             for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(saved)
+            raise ValueError(self._nonfinite_message("are"))
+        return output
+
+    def _forward_checked_in_kernel(self, input: Tensor) -> Tensor:
+        """The check folded into the combine kernel: it writes the running statistics only if
+        they are finite (else keeps them and undoes the counter's increment) and sets a flag."""
+        with ops.statistics_check(self.num_batches_tracked) as check:
+            output = self._batch_forward(input)
+        if check.finite is None:  # a path without the kernel (an input without values)
+            running = (self.running_mean, self.running_var)
+            check.finite = torch.isfinite(torch.cat(running)).all()
+        if self._defers_check(input):
+            self._pending_check = _DeferredCheck(check.finite)
+        elif not bool(check.finite):
             raise ValueError(self._nonfinite_message("are"))
         return output
 

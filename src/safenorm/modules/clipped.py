@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from safenorm import functional as SF
-from safenorm import ops
 from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 
@@ -137,7 +136,7 @@ class ClippedBatchNorm(SafeBatchNormBase):
         reference = self._reference()
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
-        return ops.clipped_batch_norm(
+        return SF.clipped_batch_norm(
             input,
             running_mean,
             running_var,

@@ -12,7 +12,6 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from safenorm import functional as SF
-from safenorm import ops
 from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 from safenorm.modules.clipped import (
@@ -289,7 +288,7 @@ class DPBatchNorm(SafeBatchNormBase):
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
         normalize_with = self.normalize_with if running_mean is not None else "batch"
-        mean, var = ops.dp_release(
+        mean, var = SF.dp_release(
             input,
             running_mean,
             running_var,
@@ -309,7 +308,7 @@ class DPBatchNorm(SafeBatchNormBase):
         )
         self._record_release()
         self.last_statistics = (mean, var)
-        return ops.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
+        return SF.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
 
 
 class DPBatchNorm1d(DPBatchNorm):

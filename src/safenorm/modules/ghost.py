@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from safenorm import ops
+from safenorm import functional as SF
 from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 
@@ -62,7 +62,7 @@ class GhostBatchNorm(SafeBatchNormBase):
     def _batch_forward(self, input: Tensor) -> Tensor:
         momentum = self._momentum_factor()
         running_mean, running_var = self._running_buffers()
-        return ops.ghost_batch_norm(
+        return SF.ghost_batch_norm(
             input,
             running_mean,
             running_var,
