@@ -106,7 +106,9 @@ class DPBatchNorm(SafeBatchNormBase):
         clip_reference: ``"running"`` or ``"none"``. Default: ``"running"``
         normalize_with: ``"running"`` or ``"batch"``. Default: ``"running"`` when
             ``track_running_stats`` else ``"batch"``
-        var_floor: lower bound of ``var~`` in units of ``s^2``. Default: 0.25
+        var_floor: lower bound of ``var~`` in units of ``s^2``: relative to the running
+            variance with ``clip_reference="running"``, in raw activation units (``s = 1``)
+            with ``"none"``. Default: 0.25
         generator: ``torch.Generator`` for the noise and the group draw (seed it to reproduce a
             run). Default: torch's global generator
         secure_mode: draw the noise from the OS CSPRNG (no generator allowed). Default: ``False``
