@@ -23,7 +23,12 @@ Command line: ``safenorm-eval run --profile quick``. Python::
 """
 
 from safenorm.evaluation.attacks import ATTACKS, Attack, run_attack
-from safenorm.evaluation.audit import epsilon_lower_bound, one_run_audit, p_value
+from safenorm.evaluation.audit import (
+    epsilon_lower_bound,
+    max_visible_epsilon,
+    one_run_audit,
+    p_value,
+)
 from safenorm.evaluation.canaries import CANARIES, Universe, build_universe, membership_masks
 from safenorm.evaluation.config import (
     PROFILES,
@@ -41,7 +46,9 @@ from safenorm.evaluation.config import (
 from safenorm.evaluation.data import DATASETS, ImageDataset, load_dataset
 from safenorm.evaluation.harness import Harness, Shard, VariantResult, merge_outputs
 from safenorm.evaluation.metrics import (
+    CI_METHODS,
     exposure,
+    extrapolated_exposure,
     reference_exposure,
     roc_curve,
     summarize_roc,
@@ -56,6 +63,7 @@ from safenorm.evaluation.variants import VARIANTS, Variant, get_variant, registe
 __all__ = [
     "ATTACKS",
     "CANARIES",
+    "CI_METHODS",
     "DATASETS",
     "MODELS",
     "PROFILES",
@@ -84,9 +92,11 @@ __all__ = [
     "build_universe",
     "epsilon_lower_bound",
     "exposure",
+    "extrapolated_exposure",
     "get_profile",
     "get_variant",
     "load_dataset",
+    "max_visible_epsilon",
     "membership_masks",
     "merge_outputs",
     "one_run_audit",
