@@ -264,6 +264,7 @@ def _combine_forward_kernel(
     size_ptr,  # (G,) fp32: each group's denominator
     center_ptr,  # (C,) fp32: clipping reference centre (HAS_REFERENCE)
     scale_ptr,  # (C,) fp32: clipping reference scale (HAS_REFERENCE)
+    reference_ptr,  # (2, C) fp32 out: the reference used, centre then scale (REFERENCE_RUNNING)
     noise_ptr,  # (2, G, C) fp32: standard normal noise, mean then variance (HAS_NOISE)
     weight_ptr,  # (C,) any float (HAS_WEIGHT)
     bias_ptr,  # (C,) any float (HAS_BIAS)
@@ -294,9 +295,11 @@ def _combine_forward_kernel(
     var_floor,
     eps,
     momentum,
+    reference_eps,
     FROM_PARTIALS: tl.constexpr,
     RANDOM_GROUPS: tl.constexpr,
     HAS_REFERENCE: tl.constexpr,
+    REFERENCE_RUNNING: tl.constexpr,
     CLIP_MEAN: tl.constexpr,
     CLIP_VAR: tl.constexpr,
     HAS_NOISE: tl.constexpr,
@@ -317,6 +320,9 @@ def _combine_forward_kernel(
         index_ptr, size_ptr: the partition (``RANDOM_GROUPS``: one index per sample, else
             consecutive groups of ``GROUP_SIZE``) and each group's denominator ``D_g``.
         center_ptr, scale_ptr: the clipping reference (``HAS_REFERENCE``; else 0 and 1).
+        reference_ptr: with ``REFERENCE_RUNNING``, the reference is the running statistics
+            before this update, ``(running_mean, sqrt(running_var + reference_eps))``, read
+            here and written to ``reference_ptr`` (kept for the backward) instead.
         noise_ptr: ``(2, G, C)`` standard normals, times ``mean_noise_std = sigma R1`` and
             ``var_noise_std = sigma R2`` (``HAS_NOISE``).
         weight_ptr, bias_ptr: affine parameters, if any.
@@ -334,6 +340,19 @@ def _combine_forward_kernel(
         var_floor, eps, momentum: as named.
         BLOCK_N, BLOCK_C: tile of one loop step.
     """
+    # Phases hand values to each other through global memory: a barrier between them makes
+    # one phase's stores visible to every thread of the next.
+    if REFERENCE_RUNNING:
+        for c_start in range(0, C, BLOCK_C):
+            c = c_start + tl.arange(0, BLOCK_C)
+            c_mask = c < C
+            center = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+            var = tl.load(running_var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+            tl.store(reference_ptr + c, center, mask=c_mask)
+            tl.store(reference_ptr + C + c, tl.sqrt(var + reference_eps), mask=c_mask)
+        center_ptr = reference_ptr
+        scale_ptr = reference_ptr + C
+        tl.debug_barrier()
     if FROM_PARTIALS:
         for n_start in range(0, N, BLOCK_N):
             n = n_start + tl.arange(0, BLOCK_N)
@@ -350,17 +369,20 @@ def _combine_forward_kernel(
                 w = tl.maximum(sum2 / M - d * d, 0.0)
                 tl.store(m_ptr + row, tl.load(pivot_ptr + row, mask=mask, other=0.0) + d, mask=mask)
                 tl.store(w_ptr + row, w, mask=mask)
+        tl.debug_barrier()
     # Mean: clip records of (m - center) / scale, then each group's noised sum.
     if CLIP_MEAN:
         _clip_rows(
             m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, index_ptr, clip_ptr, N, C,
             GROUP_SIZE, clip_norm, False, HAS_REFERENCE, RANDOM_GROUPS, BLOCK_N, BLOCK_C,
         )  # fmt: skip
+        tl.debug_barrier()
     _group_sums(
         m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, index_ptr, clip_ptr, noise_ptr,
         size_ptr, mean_ptr, raw_var_ptr, N, C, G, GROUP_SIZE, mean_noise_std, var_floor,
         False, CLIP_MEAN, HAS_NOISE, HAS_REFERENCE, RANDOM_GROUPS, BLOCK_N, BLOCK_C,
     )  # fmt: skip
+    tl.debug_barrier()
     # Variance: centred second moments around the group's (released) mean, likewise.
     var_clip_ptr = clip_ptr + _CLIP_FIELDS * N
     if CLIP_VAR:
@@ -368,11 +390,13 @@ def _combine_forward_kernel(
             m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, index_ptr, var_clip_ptr, N, C,
             GROUP_SIZE, var_clip_norm, True, HAS_REFERENCE, RANDOM_GROUPS, BLOCK_N, BLOCK_C,
         )  # fmt: skip
+        tl.debug_barrier()
     _group_sums(
         m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, index_ptr, var_clip_ptr,
         noise_ptr + G * C, size_ptr, var_ptr, raw_var_ptr, N, C, G, GROUP_SIZE, var_noise_std,
         var_floor, True, CLIP_VAR, HAS_NOISE, HAS_REFERENCE, RANDOM_GROUPS, BLOCK_N, BLOCK_C,
     )  # fmt: skip
+    tl.debug_barrier()
     # Running update (pooled over groups) into scratch, and whether every value is finite.
     finite = tl.full([], 1, tl.int32)
     if UPDATE_RUNNING:
@@ -402,6 +426,7 @@ def _combine_forward_kernel(
             tl.store(new_running_ptr + C + c, new_var, mask=c_mask)
         if not CHECK:
             finite = tl.full([], 1, tl.int32)
+        tl.debug_barrier()
         for c_start in range(0, C, BLOCK_C):
             c = c_start + tl.arange(0, BLOCK_C)
             c_mask = c < C
@@ -416,6 +441,7 @@ def _combine_forward_kernel(
             batches = tl.load(num_batches_ptr)
             tl.store(num_batches_ptr, batches - 1, mask=finite == 0)
     tl.store(flag_ptr, finite)
+    tl.debug_barrier()
     # Normalization coefficients.
     if COEF_MODE == 2:
         rows = 1
@@ -531,7 +557,9 @@ def _clip_vjp(
                 tl.store(dm_ptr + row, through_mean, mask=mask)
                 previous = tl.load(dmean_ptr + g * C + c, mask=c_mask, other=0.0)
                 total = previous - tl.sum(through_mean, axis=0)
+                tl.debug_barrier()  # every thread has read before any writes
                 tl.store(dmean_ptr + g * C + c, total, mask=c_mask)
+                tl.debug_barrier()
             else:
                 dm = tl.load(dm_ptr + row, mask=mask, other=0.0)
                 tl.store(dm_ptr + row, dm + du / scale[None, :], mask=mask)
@@ -628,6 +656,7 @@ def _combine_backward_kernel(
             tl.store(d_sum_ptr + out, d_var * scale_sq / size, mask=c_mask)
         tl.store(dweight_ptr + c, dweight, mask=c_mask)
         tl.store(dbias_ptr + c, dbias, mask=c_mask)
+    tl.debug_barrier()
     var_clip_ptr = clip_ptr + _CLIP_FIELDS * N
     for g in range(0, G):
         start = g * GROUP_SIZE
@@ -638,6 +667,7 @@ def _combine_backward_kernel(
             coef_ptr, d_mean_ptr, g, start, end, N, C, GROUP_SIZE, var_clip_norm, True,
             CLIP_VAR, HAS_REFERENCE, BLOCK_N, BLOCK_C,
         )  # fmt: skip
+        tl.debug_barrier()
         # The mean's sum: mu_g = center + scale * S / D.
         for c_start in range(0, C, BLOCK_C):
             c = c_start + tl.arange(0, BLOCK_C)
@@ -649,11 +679,13 @@ def _combine_backward_kernel(
             d_mean = tl.load(d_mean_ptr + g * C + c, mask=c_mask, other=0.0)
             size = tl.load(size_ptr + g)
             tl.store(d_sum_ptr + g * C + c, d_mean * scale / size, mask=c_mask)
+        tl.debug_barrier()
         _clip_vjp(
             m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, clip_ptr, d_sum_ptr, offset_ptr,
             coef_ptr, d_mean_ptr, g, start, end, N, C, GROUP_SIZE, clip_norm, False, CLIP_MEAN,
             HAS_REFERENCE, BLOCK_N, BLOCK_C,
         )  # fmt: skip
+        tl.debug_barrier()
         # Per-sample coefficients of dx: dm / M and 2 dw / M.
         for n_start in range(start, end, BLOCK_N):
             n = n_start + tl.arange(0, BLOCK_N)
@@ -678,6 +710,8 @@ class Combined:
         norm_mean, norm_var, rstd, gain, shift: ``(R, C)`` the statistics normalized with and
             the coefficients of ``y = x * gain + shift``.
         finite: ``(1,)`` int32, 1 if the running statistics are finite (and were written).
+        reference: ``(2, C)`` the reference read from the running statistics (centre, scale),
+            with ``reference_eps``; else ``None``.
     """
 
     mean: Tensor
@@ -692,6 +726,7 @@ class Combined:
     gain: Tensor
     shift: Tensor
     finite: Tensor
+    reference: Tensor | None = None
 
 
 def _f32(t: Tensor | None, like: Tensor) -> Tensor:
@@ -738,6 +773,7 @@ def combine_forward(
     momentum: float = 0.1,
     num_batches_tracked: Tensor | None = None,
     coef_mode: int = COEF_GROUPS,
+    reference_eps: float | None = None,
 ) -> Combined:
     """Stage 2 of a training forward in one launch (see the module docstring).
 
@@ -758,6 +794,9 @@ def combine_forward(
             values are finite, and on failure this counter is decremented (undoing the
             forward's increment).
         coef_mode: ``COEF_GROUPS``, ``COEF_SAMPLES`` or ``COEF_RUNNING`` (needs the buffers).
+        reference_eps: if given (and no ``center``/``scale``), the clipping reference is the
+            running statistics before the update, ``(running_mean, sqrt(running_var + eps))``;
+            the kernel reads them itself and returns the snapshot (``Combined.reference``).
     """
     from_partials = len(moments) == 3
     first = moments[0]
@@ -778,6 +817,9 @@ def combine_forward(
     center, scale = _reference(center, scale, c, device)
     has_noise = noise is not None and noise_multiplier > 0
     update = running_mean is not None and running_var is not None
+    from_running = reference_eps is not None
+    if from_running and (center is not None or not update):
+        raise ValueError("reference_eps reads the reference from the running buffers alone")
     rows = {COEF_GROUPS: g, COEF_SAMPLES: n, COEF_RUNNING: 1}[coef_mode]
     empty = lambda *shape: torch.empty(shape, device=device, dtype=torch.float32)  # noqa: E731
     mean, var, raw_var = empty(g, c), empty(g, c), empty(g, c)
@@ -785,6 +827,7 @@ def combine_forward(
     norm_mean, norm_var, rstd, gain, shift = (empty(max(rows, 1), c)[:rows] for _ in range(5))
     finite = torch.empty(1, device=device, dtype=torch.int32)
     dummy = empty(1)
+    reference = empty(2, c) if from_running else None
     # One program: the whole combine (clipping couples channels, the group sums samples).
     _combine_forward_kernel[(1,)](
         pivot,
@@ -796,6 +839,7 @@ def combine_forward(
         _f32(sizes, first),
         _f32(center, first),
         _f32(scale, first),
+        reference if from_running else dummy,
         _f32(noise, first) if has_noise else dummy,
         weight if weight is not None else dummy,
         bias if bias is not None else dummy,
@@ -826,9 +870,11 @@ def combine_forward(
         float(var_floor),
         float(eps),
         float(momentum),
+        float(reference_eps) if from_running else 0.0,
         FROM_PARTIALS=from_partials,
         RANDOM_GROUPS=index is not None,
-        HAS_REFERENCE=center is not None or scale is not None,
+        HAS_REFERENCE=center is not None or scale is not None or from_running,
+        REFERENCE_RUNNING=from_running,
         CLIP_MEAN=clip_mean,
         CLIP_VAR=clip_var,
         HAS_NOISE=has_noise,
@@ -840,7 +886,9 @@ def combine_forward(
         BLOCK_N=_BLOCK_N,
         BLOCK_C=min(_BLOCK_C, triton.next_power_of_2(c)),
     )
-    return Combined(mean, var, raw_var, m, w, clip, norm_mean, norm_var, rstd, gain, shift, finite)
+    return Combined(
+        mean, var, raw_var, m, w, clip, norm_mean, norm_var, rstd, gain, shift, finite, reference
+    )
 
 
 def combine_backward(

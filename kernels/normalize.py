@@ -407,9 +407,8 @@ def normalize_backward(
     t = tiling(n, c, m_size, x_strides, x.device, num_splits)
     if reduce:  # a launch writes every (sample, channel, split) slot exactly once
         alloc = torch.empty if x.numel() > 0 else torch.zeros
-        sdyx, sdy = (
-            alloc((n, c, t.splits), device=x.device, dtype=torch.float32) for _ in range(2)
-        )
+        # One buffer: the totals of both can then be taken by one reduction.
+        sdyx, sdy = alloc((2, n, c, t.splits), device=x.device, dtype=torch.float32).unbind(0)
     if x.numel() > 0:
         dx_strides = as_3d(dx)[1] if write_dx else x_strides
         # One program: one sample, BLOCK_C channels, one spatial split.
@@ -463,13 +462,17 @@ def normalize_stats_backward(
     *,
     group_size: int = 1,
     num_splits: int | None = None,
-    partials: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of :func:`normalize_stats_forward` with frozen statistics, in one pass:
-    ``dx = dy * weight / sqrt(var + eps)`` and the per-sample sums of :func:`normalize_backward`
-    (``rstd`` and the scale formed in the kernel)."""
-    dx, sdyx, sdy = normalize_backward(
+) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`normalize_stats_forward` with frozen statistics, in one pass (``rstd``
+    and the scale formed in the kernel) and one reduction.
+
+    Returns:
+        ``(dx, totals)``: ``dx = dy * weight / sqrt(var + eps)`` in ``x``'s dtype and memory
+        format; ``totals`` ``(2, C)`` fp32, ``sum dy * xhat`` (``dweight``) and ``sum dy``
+        (``dbias``).
+    """
+    dx, sdyx, _ = normalize_backward(
         grad_output, x, mean, var, None, group_size=group_size, num_splits=num_splits,
-        partials=partials, _frozen=(weight, float(eps)),
+        partials=True, _frozen=(weight, float(eps)),
     )  # fmt: skip
-    return dx, sdyx, sdy
+    return dx, sdyx._base.sum((1, 3))  # sdyx and sdy are the two halves of one buffer

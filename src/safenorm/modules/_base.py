@@ -366,7 +366,8 @@ class _DeferredCheck:
     def __init__(self, finite: Tensor) -> None:
         self._event: torch.cuda.Event | None = None
         if finite.is_cuda:
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            # Same dtype as the flag: one copy, no conversion on the device first.
+            self._host = torch.empty((), dtype=finite.dtype, pin_memory=True)
             self._host.copy_(finite, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()

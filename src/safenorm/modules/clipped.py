@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from safenorm import functional as SF
+from safenorm import ops
 from safenorm.modules._base import SafeBatchNormBase, check_ghost_batch_size, resolve_bound
 from safenorm.modules._ranks import ANY_RANK, COMMON_ARGS_DOC, RANK_1D, RANK_2D, RANK_3D, SHAPE_DOC
 
@@ -34,7 +35,10 @@ def clip_reference_of(layer: SafeBatchNormBase) -> SF.ClipReference:
     running statistics (as they are before this forward updates them)."""
     if layer.clip_reference == "none":
         return SF.ClipReference()
-    return SF.ClipReference.from_running(layer.running_mean, layer.running_var, layer.eps)
+    if layer.running_mean is None or layer.running_var is None:
+        return SF.ClipReference()
+    # Taken lazily (before this forward's update); the kernels read the buffers themselves.
+    return ops.RunningReference(layer.running_mean, layer.running_var, layer.eps)
 
 
 def check_reference(layer: str, clip_reference: str) -> None:

@@ -40,6 +40,7 @@ from safenorm.ops.backend import (
 from safenorm.ops.check import checks_in_kernel, statistics_check, take_check
 from safenorm.ops.eager import FrozenNormalize, FusedBatchNormTrain
 from safenorm.ops.primitives import (
+    RunningReference,
     Stage2,
     affine_grad_sums_impl,
     affine_grad_sums_reference,
@@ -50,6 +51,7 @@ from safenorm.ops.primitives import release as _release
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "RunningReference",
     "Stage2",
     "batch_norm_train",
     "checks_in_kernel",

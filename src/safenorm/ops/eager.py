@@ -87,10 +87,10 @@ class FrozenNormalize(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple:
         x, mean, var, weight, bias = ctx.saved_tensors
-        dx, sdyx, sdy = kernel_modules().normalize.normalize_stats_backward(
-            dy, x, mean, var, weight, ctx.eps, partials=True
+        dx, totals = kernel_modules().normalize.normalize_stats_backward(
+            dy, x, mean, var, weight, ctx.eps
         )
         needs = ctx.needs_input_grad
-        dweight = _cast(sdyx.sum((0, 2)), weight, needs[3])
-        dbias = _cast(sdy.sum((0, 2)), bias, needs[4])
+        dweight = _cast(totals[0], weight, needs[3])
+        dbias = _cast(totals[1], bias, needs[4])
         return dx if needs[0] else None, None, None, dweight, dbias, None

@@ -27,12 +27,67 @@ from safenorm import functional as SF
 from safenorm.noise import gaussian_noise
 from safenorm.ops.backend import kernel_modules, use_kernels
 
-__all__ = ["Stage2", "TrainState", "release", "train_backward", "train_forward"]
+__all__ = [
+    "RunningReference",
+    "Stage2",
+    "TrainState",
+    "release",
+    "train_backward",
+    "train_forward",
+]
 
 
 # ----------------------------------------------------------------------------------------------
 # What stage 2 computes
 # ----------------------------------------------------------------------------------------------
+
+
+class RunningReference:
+    """The clipping reference of a layer's running statistics, ``(running_mean,
+    sqrt(running_var + eps))`` as they are before this forward updates them: a
+    :class:`safenorm.functional.ClipReference` (same attributes and methods) taken late.
+
+    :meth:`safenorm.functional.ClipReference.from_running` copies them at once (three
+    operations); this one copies them the first time :attr:`center` or :attr:`scale` is read,
+    which every path does before its running update. On the kernels nothing reads them: the
+    combine reads the buffers itself, before it writes them, and hands back its snapshot
+    (:meth:`adopt`), so the backward and any later reader see the values it clipped with.
+    """
+
+    def __init__(self, running_mean: Tensor, running_var: Tensor, eps: float) -> None:
+        self.running = (running_mean, running_var, float(eps))
+        self._snapshot: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def taken(self) -> bool:
+        """Whether the snapshot exists (from a read or from the kernel)."""
+        return self._snapshot is not None
+
+    def adopt(self, center: Tensor, scale: Tensor) -> None:
+        self._snapshot = (center, scale)
+
+    def _values(self) -> tuple[Tensor, Tensor]:
+        if self._snapshot is None:
+            snapshot = SF.ClipReference.from_running(*self.running)
+            self.adopt(snapshot.center, snapshot.scale)
+        return self._snapshot
+
+    @property
+    def center(self) -> Tensor:
+        return self._values()[0]
+
+    @property
+    def scale(self) -> Tensor:
+        return self._values()[1]
+
+    def center_like(self, m: Tensor) -> Tensor:
+        return self.center.to(m.dtype)
+
+    def scale_like(self, m: Tensor) -> Tensor:
+        return self.scale.to(m.dtype)
+
+    def __repr__(self) -> str:
+        return f"RunningReference(eps={self.running[2]}, taken={self.taken})"
 
 
 @dataclass(frozen=True)
@@ -67,6 +122,20 @@ class Stage2:
         reference = self.reference or SF.ClipReference()
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
         return detach(reference.center), detach(reference.scale)
+
+    def combine_reference(self, running: bool) -> dict:
+        """The reference arguments of the combine kernel: the kernel reads a running reference
+        not yet taken from the buffers it updates (``running``), else the tensors."""
+        reference = self.reference
+        if isinstance(reference, RunningReference) and not reference.taken and running:
+            return {"reference_eps": reference.running[2]}
+        center, scale = self.reference_tensors()
+        return {"center": center, "scale": scale}
+
+    def adopt_reference(self, combined: object) -> None:
+        """Hand the kernel's snapshot of a running reference back to it."""
+        if getattr(combined, "reference", None) is not None:
+            self.reference.adopt(combined.reference[0], combined.reference[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,15 +368,13 @@ def train_forward(
     n, spatial = x.shape[0], math.prod(x.shape[2:])
     group = _group(n, stage2.ghost_batch_size)
     sizes = _sizes(n, group, None, x.device)
-    center, scale = stage2.reference_tensors()
     update = running_mean is not None and running_var is not None
     combined = kernels.combine.combine_forward(
         kernels.moments.moments_partials(x),
         spatial,
         sizes,
         group_size=group,
-        center=center,
-        scale=scale,
+        **stage2.combine_reference(update),
         clip_norm=stage2.clip_norm,
         var_clip_norm=stage2.var_clip_norm,
         var_floor=stage2.var_floor,
@@ -319,6 +386,7 @@ def train_forward(
         momentum=momentum,
         num_batches_tracked=num_batches_tracked if update else None,
     )
+    stage2.adopt_reference(combined)
     y = kernels.normalize.normalize_forward(x, combined.gain, combined.shift, group_size=group)
     return y, TrainState(combined, sizes, group)
 
@@ -401,15 +469,13 @@ def release(
     mode = combine.COEF_SAMPLES if count > 1 else combine.COEF_GROUPS
     if normalize_with == "running":
         mode = combine.COEF_RUNNING
-    center, scale = stage2.reference_tensors()
     with torch.no_grad():
         combined = combine.combine_forward(
             moments,
             spatial,
             sizes,
             index=index,
-            center=center,
-            scale=scale,
+            **stage2.combine_reference(update),
             clip_norm=stage2.clip_norm,
             var_clip_norm=stage2.var_clip_norm,
             noise=noise,
@@ -421,6 +487,7 @@ def release(
             num_batches_tracked=num_batches_tracked if update else None,
             coef_mode=mode,
         )
+    stage2.adopt_reference(combined)
     if mode == combine.COEF_SAMPLES:
         return combined.norm_mean, combined.norm_var, combined.finite
     return combined.norm_mean[0], combined.norm_var[0], combined.finite
