@@ -151,10 +151,23 @@ def log_reference_probability(
         weights: ``(K, N)`` non-negative weights (e.g. OUT masks); default: all ones.
         a: offline RMIA's ``a`` in ``[0, 1]``.
     """
+    return _mix(*_reference_moments(phi, weights), a)
+
+
+def _reference_moments(
+    phi: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(log P, 1 - P)`` of the weighted mean ``P`` of ``expit(phi)`` over axis 0, each exact
+    where it is used (``log P`` where ``P`` is small, ``1 - P`` where it is near 1)."""
     w = np.ones_like(phi) if weights is None else np.asarray(weights, dtype=np.float64)
     total = w.sum(0)
-    q_mean = (w * special.expit(-phi)).sum(0) / total  # 1 - P, exact when P is near 1
+    q_mean = (w * special.expit(-phi)).sum(0) / total
     log_p = special.logsumexp(special.log_expit(phi), axis=0, b=w) - np.log(total)
+    return log_p, q_mean
+
+
+def _mix(log_p: np.ndarray, q_mean: np.ndarray, a: float) -> np.ndarray:
+    """``log(((1 + a) P + (1 - a)) / 2)`` from :func:`_reference_moments`."""
     # each branch is only used where it is exact; the other may hit log 0 there (a = 1: the
     # constant term of the low branch is log 0 = -inf, harmlessly)
     with np.errstate(divide="ignore"):
@@ -201,16 +214,22 @@ def _offline_scores(
     population: np.ndarray,
     target: int,
     references: np.ndarray,
-    a: float,
+    a_values: tuple[float, ...],
     gamma: float,
-) -> np.ndarray:
-    """Offline RMIA of model ``target`` with the OUT scores of the ``references`` models."""
+) -> list[np.ndarray]:
+    """Offline RMIA of model ``target`` with the OUT scores of the ``references`` models, for
+    each ``a`` of ``a_values`` (the reference means are computed once)."""
     ref, out = scores[references], ~keep[references].astype(bool)
     # an example that every reference holds has no OUT model: use them all (rare, >= 8 models)
     out = np.where(out.any(0), out, True)
-    log_pr_x = log_reference_probability(ref, out, a)
-    log_pr_z = log_reference_probability(population[references], None, a)  # z is OUT everywhere
-    return rmia_scores(scores[target], log_pr_x, population[target], log_pr_z, gamma)
+    moments_x = _reference_moments(ref, out)
+    moments_z = _reference_moments(population[references], None)  # z is OUT everywhere
+    return [
+        rmia_scores(
+            scores[target], _mix(*moments_x, a), population[target], _mix(*moments_z, a), gamma
+        )
+        for a in a_values
+    ]
 
 
 def tune_offline_a(inputs: AttackInputs, grid: tuple[float, ...] = OFFLINE_A_GRID) -> float:
@@ -231,10 +250,10 @@ def tune_offline_a(inputs: AttackInputs, grid: tuple[float, ...] = OFFLINE_A_GRI
     if labels.all() or not labels.any():
         return 1.0
     best, best_auc = grid[0], -1.0
-    for a in grid:
-        s = _offline_scores(
-            inputs.scores, inputs.keep, inputs.population, stand_in, refs, a, inputs.gamma
-        )
+    attacked = _offline_scores(
+        inputs.scores, inputs.keep, inputs.population, stand_in, refs, grid, inputs.gamma
+    )
+    for a, s in zip(grid, attacked, strict=True):
         fpr, tpr, _ = roc_curve(labels, s)
         value = auc(fpr, tpr)
         if value > best_auc + 1e-12:
@@ -248,8 +267,8 @@ def _rmia_offline(inputs: AttackInputs) -> np.ndarray:
     a = inputs.offline_a if inputs.offline_a is not None else tune_offline_a(inputs)
     refs = np.flatnonzero(np.arange(len(inputs.scores)) != inputs.target)
     return _offline_scores(
-        inputs.scores, inputs.keep, inputs.population, inputs.target, refs, a, inputs.gamma
-    )
+        inputs.scores, inputs.keep, inputs.population, inputs.target, refs, (a,), inputs.gamma
+    )[0]
 
 
 ATTACKS.register(

@@ -118,10 +118,8 @@ def test_offline_a_is_tuned_on_the_shadows_only():
     assert tune_offline_a(AttackInputs(scrambled, flipped, pop, target=0)) == a
     # it is the a of the best AUC on the stand-in target (model 1) attacked with models 2..7
     refs = np.arange(2, 8)
-    stand_in = {
-        b: _auc(keep[1], _offline_scores(scores, keep, pop, 1, refs, b, 1.0))
-        for b in OFFLINE_A_GRID
-    }
+    attacked = _offline_scores(scores, keep, pop, 1, refs, OFFLINE_A_GRID, 1.0)
+    stand_in = {b: _auc(keep[1], s) for b, s in zip(OFFLINE_A_GRID, attacked, strict=True)}
     assert stand_in[a] == max(stand_in.values())
     assert _auc(keep, run_attack("rmia-offline", scores, keep, pop)) > 0.6
     # two models: nothing to tune on, a = 1
