@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from safenorm.evaluation.config import EvalConfig
 from safenorm.evaluation.harness import VariantResult
-from safenorm.evaluation.metrics import METRICS
+from safenorm.evaluation.metrics import CI_METHODS, METRICS
 
 __all__ = ["write_report"]
 
@@ -130,7 +130,8 @@ def _markdown(
         "## Summary (relative to `bn`)",
         "",
         f"Attack `{ac.headline}`, models queried in eval mode. Brackets: {ac.confidence:.0%} "
-        f"intervals ({ac.ci}); parentheses: difference from (or ratio to) `bn`. Exposure in bits "
+        f"intervals ({ac.ci}: {CI_METHODS.get(ac.ci).assumes}); parentheses: difference from "
+        "(or ratio to) `bn`. Exposure in bits "
         "(inserted canaries; a never-seen canary scores the reference level): rank-based, which "
         "saturates at log2(references + 1), and extrapolated (Secret Sharer: -log2 of the tail "
         "probability under a normal fit to the references; reference level log2 e = 1.44); "
