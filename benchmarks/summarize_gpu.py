@@ -9,7 +9,7 @@ import json
 import statistics
 import sys
 
-PROVIDERS = ["safenorm_bn", "ghost32", "clipped", "dp", "clipped_compiled_ref"]
+PROVIDERS = ["safenorm_bn", "ghost32", "clipped", "dp", "dp_default", "clipped_compiled"]
 
 
 def _rows(report: dict) -> dict[tuple, dict[str, float]]:
