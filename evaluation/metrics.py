@@ -141,8 +141,8 @@ class _SortedPairs:
     @property
     def dtype(self) -> type:
         """Of the weights: a replicate's weights sum to the number of pairs, so float32 cumulative
-        sums of them are exact below 2^24 pairs (and a third faster)."""
-        return np.float32 if len(self.label) < 2**24 else np.float64
+        sums of them (and sums of two) are exact below 2^23 pairs, and a third faster."""
+        return np.float32 if len(self.label) < 2**23 else np.float64
 
 
 def _as_matrix(x: np.ndarray, dtype: type) -> np.ndarray:
