@@ -249,3 +249,33 @@ def test_backward_matches_autograd_through_functional(n, c, ghost, r1, r2, floor
     _close(coef * spatial / 2, dw, "dw")
     _close(dweight, sdyx.sum((0, 2)), "dweight")
     _close(dbias, sdy.sum((0, 2)), "dbias")
+
+
+@pytest.mark.parametrize("coef_mode", [K.COEF_GROUPS, K.COEF_RUNNING])
+def test_reference_read_from_the_running_buffers(monkeypatch, coef_mode):
+    """``reference_eps``: the kernel clips in units of the running statistics as they were
+    before its own update (``ClipReference.from_running``) and returns that snapshot."""
+    n, c, spatial = 9, 6, 4
+    m, w = _moments(n, c, spatial)
+    g = torch.Generator().manual_seed(8)
+    rm = torch.randn(c, generator=g).to(DEVICE)
+    rv = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
+    groups = SF.dp_groups(n, 8.0, None, DEVICE)
+    noise = torch.randn(2, 1, c, generator=g).to(DEVICE)
+    bounds = dict(clip_norm=1.0, var_clip_norm=1.5, noise_multiplier=2.0, var_floor=0.25)
+    reference = SF.ClipReference.from_running(rm, rv, 1e-3)
+    ref = _reference(m, w, groups, noise, monkeypatch, reference=reference, **bounds)
+    expected_mean, expected_var = rm.clone(), rv.clone()
+    SF.pooled_running_update(expected_mean, expected_var, ref.mean, ref.var, groups.size,
+                             spatial, 0.1)  # fmt: skip
+    out = K.combine_forward((m, w), spatial, groups.size, noise=noise, running_mean=rm,
+                            running_var=rv, momentum=0.1, coef_mode=coef_mode,
+                            reference_eps=1e-3, **bounds)  # fmt: skip
+    _close(out.reference[0], reference.center, "center")
+    _close(out.reference[1], reference.scale, "scale")
+    _close(out.mean, ref.mean, "mean")
+    _close(out.var, ref.var, "var")
+    _close(rm, expected_mean, "running_mean")
+    _close(rv, expected_var, "running_var")
+    with pytest.raises(ValueError, match="running buffers"):
+        K.combine_forward((m, w), spatial, groups.size, reference_eps=1e-3)

@@ -6,6 +6,7 @@ Run by ``benchmarks/gpu_run.sh`` on the GPU machine; skipped elsewhere.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -66,7 +67,9 @@ def test_cuda_finite_check_is_deferred_and_restores_the_buffers():
 
 
 def test_cuda_finite_check_at_once_when_not_deferred():
-    layer = safenorm.DPBatchNorm2d(4, expected_batch_size=4).cuda()
+    # Unclipped and noiseless: clipping would give the non-finite sample zero weight.
+    unbounded = dict(clip_norm=math.inf, var_clip_norm=math.inf, noise_multiplier=0.0)
+    layer = safenorm.DPBatchNorm2d(4, expected_batch_size=4, **unbounded).cuda()
     layer.register_release_hook(lambda *_: None)
     layer.defer_statistics_check = False
     x = torch.randn(4, 4, 3, 3, device="cuda")
@@ -75,9 +78,13 @@ def test_cuda_finite_check_at_once_when_not_deferred():
         layer(x)
 
 
-def test_layers_capture_in_a_cuda_graph_with_the_check_on():
-    """Graph capture cannot sync: the check restores on the device and the step replays."""
-    layer = safenorm.GhostBatchNorm2d(4, ghost_batch_size=2).cuda()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_capture_in_a_cuda_graph_with_the_check_on(family):
+    """Graph capture cannot sync: the check (in the combine kernel) keeps the buffers on the
+    device and the step replays."""
+    layer = FAMILIES[family](4).cuda()
+    if family == "dp":
+        layer.register_release_hook(lambda *_: None)
     x = torch.randn(4, 4, 3, 3, device="cuda", requires_grad=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

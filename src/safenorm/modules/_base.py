@@ -271,6 +271,8 @@ class SafeBatchNormBase(nn.Module):
         if check.finite is None:  # a path without the kernel (an input without values)
             running = (self.running_mean, self.running_var)
             check.finite = torch.isfinite(torch.cat(running)).all()
+        if input.is_cuda and torch.cuda.is_current_stream_capturing():
+            return output  # a graph replay has no host side to report from; buffers are kept
         if self._defers_check(input):
             self._pending_check = _DeferredCheck(check.finite)
         elif not bool(check.finite):
