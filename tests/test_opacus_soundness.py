@@ -129,7 +129,9 @@ def test_a_forward_on_other_data_inside_a_step_is_off_batch_unless_declared():
     assert history[1][0] == pytest.approx(privacy.sigma_eff(SIGMA_G, [SIGMA_R] * 4))
 
 
-def test_releases_on_a_batch_that_no_step_consumed_are_a_statistics_only_step():
+def test_releases_on_a_batch_that_no_step_consumed_compose_into_the_next_step():
+    """With gradient accumulation the next step's gradient depends on the earlier batch too, so
+    its releases must compose with that step, not be booked as an independent mechanism."""
     engine = PrivacyEngine(accountant="rdp")
     model = _model()
     gs_model, opt, dp_loader = _private(model, engine)
@@ -142,9 +144,59 @@ def test_releases_on_a_batch_that_no_step_consumed_are_a_statistics_only_step():
     opt.step()
     q = BATCH / N_DATA
     assert engine.accountant.history == [
-        (pytest.approx(privacy.sigma_eff(None, [SIGMA_R] * 2)), q, 1),
-        (pytest.approx(privacy.sigma_eff(SIGMA_G, [SIGMA_R] * 2)), q, 1),
+        (pytest.approx(privacy.sigma_eff(SIGMA_G, [SIGMA_R] * 4)), q, 1),
     ]
+
+
+def test_a_prefetched_batch_still_ties_its_forward_to_the_step():
+    engine = PrivacyEngine(accountant="rdp")
+    model = _model()
+    gs_model, opt, dp_loader = _private(model, engine)
+    batches = iter(dp_loader)
+    ahead = [next(batches), next(batches)]  # an input pipeline one batch ahead
+    for _ in range(3):
+        x, y = ahead.pop(0)
+        ahead.append(next(batches, None) or next(iter(dp_loader)))
+        opt.zero_grad()
+        nn.functional.cross_entropy(gs_model(x), y).backward()
+        opt.step()
+    q = BATCH / N_DATA
+    assert engine.accountant.history == [
+        (pytest.approx(privacy.sigma_eff(SIGMA_G, [SIGMA_R] * 2)), q, 3)
+    ]
+
+
+def test_a_forward_with_any_input_off_the_batch_is_off_batch():
+    """Before the review fix, one matching input was enough: a stored reference batch of
+    training samples, passed beside the batch, was charged at rate q at every step."""
+
+    class WithReference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _model()
+
+        def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+            return self.body(torch.cat([x, reference]))[: len(x)]
+
+    engine = PrivacyEngine(accountant="rdp")
+    model = WithReference()
+    gs_model, _, dp_loader = _private(model, engine)
+    reference = _data().tensors[0][:4]
+    x, _ = next(iter(dp_loader))
+    with pytest.warns(safenorm.PrivacyWarning, match="sensitivity 2R"), torch.no_grad():
+        gs_model(x, reference)
+    (ledger,) = engine.release_ledgers()
+    assert len(ledger.unsampled) == 2 and not ledger.pending
+
+
+def test_a_declared_input_must_hold_one_row_per_sample():
+    engine = PrivacyEngine(accountant="rdp")
+    _, _, dp_loader = _private(_model(), engine)
+    x, _ = next(iter(dp_loader))
+    with pytest.raises(ValueError, match="one row per sample"):
+        engine.declare_step_input(torch.cat([x, x]))  # two views per sample in one forward
+    with pytest.raises(ValueError, match="one row per sample"):
+        engine.declare_step_input(x[: len(x) // 2])  # a chunk cut by position
 
 
 def test_gdp_accountant_refuses_releases_off_the_step_batch():
@@ -209,12 +261,58 @@ class _RunningInputMean(nn.Module):
         return x
 
 
-def test_a_custom_layer_writing_a_buffer_from_its_input_is_refused_at_the_step():
+class _WritesThroughData(_RunningInputMean):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.data.copy_(x.detach().amax(0))  # .data has its own version counter
+        return x
+
+
+class _CountsLabels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(6, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.counts += torch.bincount(x.argmax(1), minlength=6)
+        return x
+
+
+class _RegistersLazily(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not hasattr(self, "first"):
+            self.register_buffer("first", x[:1].detach().clone())
+        return x
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [_RunningInputMean, _WritesThroughData, _CountsLabels, _RegistersLazily],
+    ids=["in-place", "through-data", "integer-buffer", "registered-late"],
+)
+def test_a_custom_layer_writing_a_buffer_from_its_input_is_refused_at_the_step(writer):
     engine = PrivacyEngine(accountant="rdp")
-    model = nn.Sequential(_RunningInputMean(), _model())
+    model = nn.Sequential(writer(), _model())
     gs_model, opt, dp_loader = _private(model, engine)
-    with pytest.raises(CouplingLayerError, match=r"0\.seen"):
+    with pytest.raises(CouplingLayerError, match=r"0\.(seen|counts|first)"):
         _epoch(gs_model, opt, dp_loader)
+
+
+def test_constant_buffers_moved_with_the_model_are_not_flagged():
+    class Constant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.full((6,), 2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    engine = PrivacyEngine(accountant="rdp")
+    model = nn.Sequential(Constant(), _model())
+    gs_model, opt, dp_loader = _private(model, engine)
+    model.double().float()  # a move (dtype here; device on a GPU) replaces the buffer
+    assert _epoch(gs_model, opt, dp_loader) == N_DATA // BATCH
 
 
 # -- copies of a private model ------------------------------------------------------------------

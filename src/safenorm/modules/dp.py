@@ -242,13 +242,19 @@ class DPBatchNorm(SafeBatchNormBase):
         so its first releasing forward warns until an engine or ledger watches it. It carries no
         ``generator`` (from a seeded generator's state the noise, hence the exact clipped sums,
         can be regenerated; a copy draws from torch's global generator, or the CSPRNG in
-        ``secure_mode``) and no ``last_statistics``. Parameters, buffers and settings are kept.
+        ``secure_mode``), no ``last_statistics`` and no inputs Opacus captured for a pending
+        backward. Parameters, buffers and settings are kept. (Other layers of a model made
+        private by Opacus hold such inputs and per-sample gradients too: save ``state_dict()``,
+        or pickle a whole model only after ``optimizer.zero_grad()`` with no forward pending.)
         """
         state = self.__dict__.copy()
         state["_release_hooks"] = OrderedDict()
         state["generator"] = None
         state["last_statistics"] = None
         state["_warned_unaccounted"] = False
+        # Opacus keeps each captured forward's inputs on the layer until the backward: raw data.
+        for key in ("activations", "_safenorm_activation_count"):
+            state.pop(key, None)
         return state
 
     # -- forward ---------------------------------------------------------------------------------

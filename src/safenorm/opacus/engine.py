@@ -400,15 +400,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             if releases:
                 account(sigma_eff(None, [s / 2 for s in releases]), 1.0)
 
-        def flush_unstepped() -> None:
-            # Releases on a Poisson batch that no optimizer step consumed: a statistics-only
-            # subsampled Gaussian on that batch.
-            flush_unsampled()
-            releases = ledger.consume()
-            if releases:
-                account(sigma_eff(None, releases), sample_rate)
-
-        tracker = StepBatchTracker(model, on_new_batch=flush_unstepped)
+        tracker = StepBatchTracker(model)
         track_loader_batches(data_loader, tracker)
         ledger = ReleaseLedger(model, classify=tracker.release_is_on_step_batch)
         self._ledgers.append(ledger)

@@ -5,11 +5,15 @@ batch the DP data loader drew for that step (docs/OPACUS.md). :class:`StepBatchT
 release to that batch: the DP data loader announces each batch it yields, the optimizer step
 closes it, and a forward pre-hook on the private model checks each forward's inputs. A release
 is on the step's batch when it is made inside a training-mode forward of the model, after the
-loader yielded the batch and before the step, on an input that is one of the batch's tensors, a
-device or dtype copy of one (compared by value), or a tensor declared as derived from it
-(:meth:`StepBatchTracker.declare`). Every other release (an eval-mode pass over training data
-with batch statistics, a recalibration pass, a forward on other data, a layer called outside the
-model's forward) is filed as off the step's batch.
+loader yielded the batch and before the step, and every input tensor of that forward is one of
+the batch's tensors, a device or dtype copy of one (compared by value), or a tensor declared as
+computed row by row from it (:meth:`StepBatchTracker.declare`). Data held inside the model (a
+stored reference batch, a memory bank) cannot be seen: keep it out of DP layers' inputs.
+Every other release (an eval-mode pass over training data with batch statistics, a
+recalibration pass, a forward on other data, a layer called outside the model's forward) is
+filed as off the step's batch. Releases on a batch that no step consumed (a forward, then the
+next batch) stay pending and compose into the next step (merging releases on independent
+Poisson batches into one subsampled mechanism can only over-state their cost).
 
 The hooks do not travel with copies or pickles of the model: a copy carries inert hooks, and
 never the current batch.
@@ -66,22 +70,26 @@ class _Hook:
         return (_inert, ())
 
 
+#: Batches the loader yielded since the last optimizer step that are kept for matching (a
+#: prefetching input pipeline draws a batch or two ahead of the forward that uses it).
+MAX_OPEN_BATCHES = 4
+
+
 class StepBatchTracker:
-    """Decides, for each statistics release, whether it is on the current step's batch.
+    """Decides, for each statistics release, whether it is on a batch of the DP data loader that
+    the next optimizer step consumes.
 
     Args:
         model: the private model (its root forward is watched).
-        on_new_batch: called when the loader yields a new batch, before it is tracked (the
-            engine accounts releases of a batch that no optimizer step consumed).
     """
 
-    def __init__(self, model: nn.Module, on_new_batch: Callable[[], None]) -> None:
-        self._batch: list[Tensor] | None = None
+    def __init__(self, model: nn.Module) -> None:
+        self._open: list[list[Tensor]] = []
+        self._used: list[list[Tensor]] = []
         self._declared: list[Tensor] = []
         self._depth = 0
         self._forward_on_batch = False
         self._warned = False
-        self._on_new_batch = on_new_batch
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(_Hook(self._begin_forward), with_kwargs=True),
             model.register_forward_hook(_Hook(self._end_forward), always_call=True),
@@ -90,22 +98,32 @@ class StepBatchTracker:
     # -- the loader and the optimizer ------------------------------------------------------------
 
     def open(self, batch: Any) -> None:
-        """The DP data loader yielded ``batch``: the next step's releases are made on it."""
-        self._on_new_batch()
-        self._batch = _tensors(batch)
-        self._declared = []
+        """The DP data loader yielded ``batch``: releases on it compose with the next step."""
+        self._open.append(_tensors(batch))
+        del self._open[:-MAX_OPEN_BATCHES]
 
     def close(self) -> None:
-        """The optimizer stepped: the batch is consumed."""
-        self._batch = None
+        """The optimizer stepped: the batches its forwards used are consumed (batches drawn
+        ahead by a prefetcher stay open)."""
+        self._open = [b for b in self._open if not any(b is used for used in self._used)]
+        self._used = []
         self._declared = []
 
     def declare(self, tensor: Tensor) -> None:
-        """Declare ``tensor`` an input computed sample by sample from the step's batch only."""
-        if self._batch is None:
+        """Declare ``tensor`` an input computed sample by sample from an open batch: one row per
+        sample of that batch, in its order (an augmented copy, not extra views or chunks)."""
+        sizes = {len(t) for b in self._open for t in b[:1] if t.dim() > 0}
+        if not sizes:
             raise RuntimeError(
                 "declare_step_input: no batch of the DP data loader is open (draw a batch from "
                 "the loader returned by make_private first)"
+            )
+        if tensor.dim() == 0 or len(tensor) not in sizes:
+            raise ValueError(
+                f"declare_step_input: the tensor has {len(tensor) if tensor.dim() else 0} rows "
+                f"but the open batch has {sorted(sizes)}; a declared input must hold exactly one "
+                "row per sample of the batch (several augmented views per sample, or chunks of "
+                "the batch, change the releases' sensitivity: run one forward per view instead)"
             )
         self._declared.append(tensor)
 
@@ -113,25 +131,34 @@ class StepBatchTracker:
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._depth == 0:
-            self._forward_on_batch = (
-                module.training and self._batch is not None and self._matches((args, kwargs))
-            )
+            batch = self._matching_batch((args, kwargs)) if module.training else None
+            self._forward_on_batch = batch is not None
+            if batch is not None and not any(batch is used for used in self._used):
+                self._used.append(batch)
         self._depth += 1
 
     def _end_forward(self, *args: Any, **kwargs: Any) -> None:
         self._depth = max(0, self._depth - 1)
 
-    def _matches(self, inputs: Any) -> bool:
-        batch = self._batch or []
-        for candidate in _tensors(inputs):
-            if any(candidate is declared for declared in self._declared):
-                return True
-            if any(_same_values(candidate, original) for original in batch):
-                return True
-        return False
+    def _matching_batch(self, inputs: Any) -> list[Tensor] | None:
+        """The open batch that EVERY input tensor (with a batch dimension) comes from: the
+        batch's tensor, a device/dtype copy of it, or a declared tensor. One input from
+        anywhere else (a reference batch, a memory bank) makes the whole forward off-batch."""
+        candidates = [t for t in _tensors(inputs) if t.dim() > 0]
+        if not candidates:
+            return None
+        declared = [d for d in self._declared if any(d is c for c in candidates)]
+        for batch in reversed(self._open):
+            if all(
+                any(c is d for d in declared)
+                or any(_same_values(c, original) for original in batch)
+                for c in candidates
+            ):
+                return batch
+        return None
 
     def release_is_on_step_batch(self) -> bool:
-        """Whether a release made now is on the step's batch (warns once when it is not)."""
+        """Whether a release made now is on an open batch (warns once when it is not)."""
         on_batch = self._depth > 0 and self._forward_on_batch
         if not on_batch and not self._warned:
             warnings.warn(

@@ -142,48 +142,43 @@ class BufferWriteGuard:
 
     Registered layer types that write statistics (BatchNorm, InstanceNorm with running
     statistics) are refused before training by :func:`validate_model`; a custom layer that writes
-    a floating-point buffer from its input would ship a raw summary of the private data in every
-    checkpoint, unaccounted. The guard notes each such buffer's identity, in-place version counter
-    and value when the model is made private; :meth:`check` (run by the engine at every optimizer
-    step, before the step is accounted) raises if one was replaced or changed. A version bump that
-    left the value unchanged (e.g. loading the same checkpoint) is accepted. Costs nothing while
-    no buffer is written.
+    a buffer from its input would ship a raw summary of the private data in every checkpoint,
+    unaccounted. The guard snapshots every buffer of every non-DP layer (any dtype) when the model
+    is made private; :meth:`check` (run by the engine at every optimizer step, before the step is
+    accounted) raises if a buffer's value changed, a buffer was replaced by a different value, or
+    a buffer was registered since. Values are compared (not version counters, which writes
+    through ``.data`` bypass), on the buffer's device, so a model moved with ``.to()`` after
+    ``make_private`` is not flagged for the move alone.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._watched: list[tuple[str, nn.Module, str, Tensor, int, Tensor]] = []
-        for module_name, layer in model.named_modules():
-            if isinstance(layer, DPBatchNorm):
-                continue
-            for buffer_name, buffer in layer.named_buffers(recurse=False):
-                if buffer is None or not buffer.is_floating_point():
-                    continue
-                qualified = f"{module_name}.{buffer_name}" if module_name else buffer_name
-                snapshot = buffer.detach().clone()
-                self._watched.append(
-                    (qualified, layer, buffer_name, buffer, buffer._version, snapshot)
-                )
+        self._layers = [m for m in model.modules() if not isinstance(m, DPBatchNorm)]
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._snapshots: dict[tuple[int, str], Tensor | None] = {
+            (id(layer), key): None if buffer is None else buffer.detach().clone()
+            for layer in self._layers
+            for key, buffer in layer._buffers.items()
+        }
+
+    def _written(self, layer: nn.Module, key: str, buffer: Tensor | None) -> bool:
+        marker = (id(layer), key)
+        if marker not in self._snapshots:
+            return True  # registered after make_private
+        snapshot = self._snapshots[marker]
+        if buffer is None or snapshot is None:
+            return (buffer is None) != (snapshot is None)
+        if buffer.shape != snapshot.shape:
+            return True
+        return not torch.equal(buffer.detach(), snapshot.to(buffer.device, buffer.dtype))
 
     def check(self) -> None:
-        """Raise :class:`CouplingLayerError` naming every watched buffer that was written."""
+        """Raise :class:`CouplingLayerError` naming every buffer that was written."""
         written = []
-        for i, (qualified, layer, buffer_name, buffer, version, snapshot) in enumerate(
-            self._watched
-        ):
-            current = layer._buffers.get(buffer_name)
-            if current is buffer and current._version == version:
-                continue
-            if current is not None and torch.equal(current.detach(), snapshot):
-                self._watched[i] = (
-                    qualified,
-                    layer,
-                    buffer_name,
-                    current,
-                    current._version,
-                    snapshot,
-                )
-                continue
-            written.append(f"{qualified} ({type(layer).__name__})")
+        for layer in self._layers:
+            for key, buffer in layer._buffers.items():
+                if self._written(layer, key, buffer):
+                    name = self._names.get(id(layer), "")
+                    written.append(f"{name}.{key}" if name else key)
         if written:
             raise CouplingLayerError(
                 "these buffers were written during DP training: "
