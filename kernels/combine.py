@@ -38,9 +38,11 @@ from torch import Tensor
 
 __all__ = ["Combined", "combine_backward", "combine_forward"]
 
-# A tile of BLOCK_N samples x BLOCK_C channels per loop step: 2048 fp32 values in registers.
+# A tile of BLOCK_N samples x BLOCK_C channels per loop step: 2048 fp32 values in registers,
+# spread over 8 warps (the one program has the SM to itself).
 _BLOCK_N = 16
 _BLOCK_C = 128
+_NUM_WARPS = 8
 
 #: Where the normalization coefficients come from (one row per group, per sample, or running).
 COEF_GROUPS, COEF_SAMPLES, COEF_RUNNING = 0, 1, 2
@@ -459,7 +461,7 @@ def _combine_forward_kernel(
             else:
                 g = r
                 if COEF_MODE == 1:
-                    g = _group_of(r, index_ptr, True, GROUP_SIZE, RANDOM_GROUPS)
+                    g = _group_of(r, index_ptr, r < N, GROUP_SIZE, RANDOM_GROUPS)
                 mean = tl.load(mean_ptr + g * C + c, mask=c_mask, other=0.0)
                 var = tl.load(var_ptr + g * C + c, mask=c_mask, other=1.0)
             rstd, gain, shift = _coefficients(
@@ -885,6 +887,7 @@ def combine_forward(
         COEF_MODE=coef_mode,
         BLOCK_N=_BLOCK_N,
         BLOCK_C=min(_BLOCK_C, triton.next_power_of_2(c)),
+        num_warps=_NUM_WARPS,
     )
     return Combined(
         mean, var, raw_var, m, w, clip, norm_mean, norm_var, rstd, gain, shift, finite, reference
@@ -963,5 +966,6 @@ def combine_backward(
         CLIP_VAR=clip_var,
         BLOCK_N=_BLOCK_N,
         BLOCK_C=min(_BLOCK_C, triton.next_power_of_2(c)),
+        num_warps=_NUM_WARPS,
     )
     return coef, offset, dweight, dbias

@@ -5,7 +5,8 @@ Both sides get the same per-sample moments and the same noise (the reference dra
 running statistics, the coefficients and the gradients must agree to float32 rounding (1e-6
 relative) across ghost groups (consecutive and random), empty and one-sample batches, variance
 floors, clip references, fp16/bf16 inputs and both memory formats. Runs under the Triton
-interpreter on CPU (``TRITON_INTERPRET=1``, set by conftest).
+interpreter on CPU (``TRITON_INTERPRET=1``, set by conftest); triton 3.6's interpreter needs
+numpy < 2.3 (it converts one-element arrays to Python scalars), 3.9's does not.
 """
 
 from __future__ import annotations
