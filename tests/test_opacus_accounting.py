@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -24,15 +23,6 @@ from test_privacy_accounting import numeric_rdp
 
 DELTA = 1e-5
 N_DATA, BATCH = 48, 12  # q = 1/4, 4 steps per epoch
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook")
-        warnings.filterwarnings("ignore", message="Optimal order")
-        yield
 
 
 def mlp(layer_sigmas: list[float]) -> nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import opacus
 import pytest
 import torch
@@ -16,15 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import safenorm
 from safenorm.opacus import PrivacyEngine
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook")
-        warnings.filterwarnings("ignore", message="Optimal order")
-        yield
 
 
 def digits():

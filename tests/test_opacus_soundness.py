@@ -30,15 +30,6 @@ DELTA = 1e-5
 N_DATA, BATCH, SIGMA_G, SIGMA_R = 48, 12, 1.1, 6.0
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook")
-        warnings.filterwarnings("ignore", message="Optimal order")
-        yield
-
-
 def _data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(N_DATA, 6, generator=g), torch.randint(0, 3, (N_DATA,)))

@@ -21,14 +21,6 @@ from opacus.validators.errors import UnsupportedModuleError
 from safenorm.opacus import CouplingLayerError, PrivacyEngine, VirtualStepError
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook")
-        yield
-
-
 def loader(n=32, batch=8):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 2, (n,), generator=g)
