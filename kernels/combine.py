@@ -47,8 +47,9 @@ _NUM_WARPS = 8
 #: Where the normalization coefficients come from (one row per group, per sample, or running).
 COEF_GROUPS, COEF_SAMPLES, COEF_RUNNING = 0, 1, 2
 # Per-sample clip record, per phase: divisor (the row's peak), multiplier (R / unit norm),
-# state (0 within the bound, 1 clipped, -1 non-finite: contributes zero).
-_CLIP_FIELDS = 3
+# state (0 within the bound, 1 clipped, -1 non-finite: contributes zero), factor
+# (min(1, R / ||u||) as clip_rows_with_factors: 0 for a non-finite row).
+_CLIP_FIELDS = 4
 
 
 @triton.jit
@@ -146,9 +147,11 @@ def _clip_rows(
         clipped = (peak * unit_norm > bound) & (finite > 0)
         state = tl.where(finite > 0, tl.where(clipped, 1.0, 0.0), -1.0)
         multiplier = tl.where(clipped, bound / tl.maximum(unit_norm, 1e-30), 1.0)
+        factor = tl.where(clipped, bound / tl.maximum(peak * unit_norm, 1e-30), 1.0)
         tl.store(clip_ptr + n, tl.where(clipped, divisor, 1.0), mask=n_mask)
         tl.store(clip_ptr + N + n, multiplier, mask=n_mask)
         tl.store(clip_ptr + 2 * N + n, state, mask=n_mask)
+        tl.store(clip_ptr + 3 * N + n, tl.where(finite > 0, factor, 0.0), mask=n_mask)
 
 
 @triton.jit
@@ -183,21 +186,29 @@ def _group_sums(
     size_ptr,
     out_ptr,
     raw_ptr,
+    norm_ptr,
     N,
     C,
     G,
     GROUP_SIZE,
     noise_std,
     var_floor,
+    rho,
     VAR: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     HAS_REFERENCE: tl.constexpr,
     RANDOM_GROUPS: tl.constexpr,
+    SELF_NORMALIZED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Each group's (noised) sum of clipped contributions, turned into its mean or variance."""
+    """Each group's (noised) sum of clipped contributions, turned into its mean or variance.
+
+    The sum is divided by the group's denominator ``D_g``, or (``SELF_NORMALIZED``, the clipped
+    layer's statistics) by ``max(sum_g f_i, rho D_g)`` with ``f_i`` the clip factors; the
+    weight and the divisor go to ``norm_ptr`` (``(2, G)``) for the backward.
+    """
     for c_start in range(0, C, BLOCK_C):
         c = c_start + tl.arange(0, BLOCK_C)
         c_mask = c < C
@@ -210,6 +221,7 @@ def _group_sums(
         for g in range(0, G):
             start, end = _group_range(g, N, GROUP_SIZE, RANDOM_GROUPS)
             acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            weight = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for n_start in range(start, end, BLOCK_N):
                 n = n_start + tl.arange(0, BLOCK_N)
                 n_mask = n < end
@@ -221,16 +233,31 @@ def _group_sums(
                 )  # fmt: skip
                 u = _clipped(u, clip_ptr, n, n_mask, N, CLIP)
                 acc += tl.sum(tl.where(n_mask[:, None] & c_mask[None, :], u, 0.0), axis=0)
+                if SELF_NORMALIZED:
+                    weight += tl.load(clip_ptr + 3 * N + n, mask=n_mask, other=0.0)
             if HAS_NOISE:
                 acc += tl.load(noise_ptr + g * C + c, mask=c_mask, other=0.0) * noise_std
             size = tl.load(size_ptr + g)
-            if VAR:
-                scale_sq = scale * scale
-                raw = scale_sq * acc / size
-                tl.store(raw_ptr + g * C + c, raw, mask=c_mask)
-                tl.store(out_ptr + g * C + c, tl.maximum(raw, var_floor * scale_sq), mask=c_mask)
+            if SELF_NORMALIZED:
+                total_weight = tl.sum(weight, axis=0)
+                divisor = tl.maximum(total_weight, rho * size)
+                tl.store(norm_ptr + g, total_weight)
+                tl.store(norm_ptr + G + g, divisor)
+                if VAR:
+                    raw = scale * scale * (acc / divisor)
+                else:
+                    mean = center + scale * (acc / divisor)
             else:
-                tl.store(out_ptr + g * C + c, center + scale * acc / size, mask=c_mask)
+                if VAR:
+                    raw = scale * scale * acc / size
+                else:
+                    mean = center + scale * acc / size
+            if VAR:
+                tl.store(raw_ptr + g * C + c, raw, mask=c_mask)
+                floor = var_floor * (scale * scale)
+                tl.store(out_ptr + g * C + c, tl.maximum(raw, floor), mask=c_mask)
+            else:
+                tl.store(out_ptr + g * C + c, mean, mask=c_mask)
 
 
 @triton.jit
@@ -278,6 +305,7 @@ def _combine_forward_kernel(
     mean_ptr,  # (G, C) fp32 out: group means
     var_ptr,  # (G, C) fp32 out: group variances (floored)
     raw_var_ptr,  # (G, C) fp32 out: group variances before the floor
+    norm_ptr,  # (2, 2, G) fp32 out: weight and divisor of each sum (SELF_NORMALIZED)
     new_running_ptr,  # (2, C) fp32 scratch: the updated running statistics
     norm_mean_ptr,  # (R, C) fp32 out: the statistics normalized with (COEF_MODE)
     norm_var_ptr,  # (R, C) fp32 out
@@ -295,6 +323,8 @@ def _combine_forward_kernel(
     mean_noise_std,
     var_noise_std,
     var_floor,
+    mean_rho,
+    var_rho,
     eps,
     momentum,
     reference_eps,
@@ -304,6 +334,8 @@ def _combine_forward_kernel(
     REFERENCE_RUNNING: tl.constexpr,
     CLIP_MEAN: tl.constexpr,
     CLIP_VAR: tl.constexpr,
+    NORMALIZED_MEAN: tl.constexpr,
+    NORMALIZED_VAR: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -339,6 +371,9 @@ def _combine_forward_kernel(
             updated running statistics.
         N, C, G, SPLITS, M, GROUP_SIZE: sizes.
         clip_norm, var_clip_norm: ``R1``, ``R2`` (``CLIP_MEAN``, ``CLIP_VAR``).
+        NORMALIZED_MEAN, NORMALIZED_VAR, mean_rho, var_rho: the clipped layer's statistics
+            (:func:`safenorm.functional.clipped_statistics`): each clipped sum divided by
+            ``max(sum f_i, rho D)``; ``norm_ptr`` keeps the weights and divisors.
         var_floor, eps, momentum: as named.
         BLOCK_N, BLOCK_C: tile of one loop step.
     """
@@ -381,8 +416,9 @@ def _combine_forward_kernel(
         tl.debug_barrier()
     _group_sums(
         m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, index_ptr, clip_ptr, noise_ptr,
-        size_ptr, mean_ptr, raw_var_ptr, N, C, G, GROUP_SIZE, mean_noise_std, var_floor,
-        False, CLIP_MEAN, HAS_NOISE, HAS_REFERENCE, RANDOM_GROUPS, BLOCK_N, BLOCK_C,
+        size_ptr, mean_ptr, raw_var_ptr, norm_ptr, N, C, G, GROUP_SIZE, mean_noise_std,
+        var_floor, mean_rho, False, CLIP_MEAN, HAS_NOISE, HAS_REFERENCE, RANDOM_GROUPS,
+        NORMALIZED_MEAN, BLOCK_N, BLOCK_C,
     )  # fmt: skip
     tl.debug_barrier()
     # Variance: centred second moments around the group's (released) mean, likewise.
@@ -395,8 +431,9 @@ def _combine_forward_kernel(
         tl.debug_barrier()
     _group_sums(
         m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, index_ptr, var_clip_ptr,
-        noise_ptr + G * C, size_ptr, var_ptr, raw_var_ptr, N, C, G, GROUP_SIZE, var_noise_std,
-        var_floor, True, CLIP_VAR, HAS_NOISE, HAS_REFERENCE, RANDOM_GROUPS, BLOCK_N, BLOCK_C,
+        noise_ptr + G * C, size_ptr, var_ptr, raw_var_ptr, norm_ptr + 2 * G, N, C, G,
+        GROUP_SIZE, var_noise_std, var_floor, var_rho, True, CLIP_VAR, HAS_NOISE, HAS_REFERENCE,
+        RANDOM_GROUPS, NORMALIZED_VAR, BLOCK_N, BLOCK_C,
     )  # fmt: skip
     tl.debug_barrier()
     # Running update (pooled over groups) into scratch, and whether every value is finite.
@@ -494,9 +531,11 @@ def _clip_vjp(
     C,
     GROUP_SIZE,
     bound,
+    weight_cot,
     VAR: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_REFERENCE: tl.constexpr,
+    NORMALIZED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -505,6 +544,9 @@ def _clip_vjp(
 
     A clipped row ``c_i = R u_i / ||u_i||`` has the Jacobian ``R / ||u_i|| (I - e e^T)`` with
     ``e = c_i / R``; a row within the bound passes ``cot`` unchanged; a non-finite row gets zero.
+    ``NORMALIZED``: the sum's divisor ``max(sum f_i, rho D)`` has the cotangent ``weight_cot``
+    on each clip factor ``f_i = R / ||u_i||`` of a clipped row, whose gradient is
+    ``-f_i^2 c_i / R^2``.
     The mean's contributions give ``dm += du / scale``; the variance's give
     ``dw += du / scale^2``, ``dm += 2 (m - mu_g) du / scale^2`` and ``dmu_g -= the latter``
     (accumulated in ``dmean_ptr``).
@@ -542,6 +584,10 @@ def _clip_vjp(
                 projected = (multiplier / divisor)[:, None] * (
                     du - (dot / bound)[:, None] * clipped / bound
                 )
+                if NORMALIZED:
+                    factor = tl.load(clip_ptr + 3 * N + n, mask=n_mask, other=0.0)
+                    through_factor = -(factor * factor)[:, None] * clipped / (bound * bound)
+                    projected += weight_cot * through_factor
                 du = tl.where(state[:, None] > 0, projected, du)
                 du = tl.where(state[:, None] >= 0, du, 0.0)
             if HAS_REFERENCE:
@@ -568,6 +614,62 @@ def _clip_vjp(
 
 
 @triton.jit
+def _sum_cotangent(
+    cot_ptr,
+    stat_ptr,
+    center_ptr,
+    scale_ptr,
+    norm_ptr,
+    g,
+    C,
+    G,
+    size,
+    rho,
+    VAR: tl.constexpr,
+    HAS_REFERENCE: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Row ``g`` of ``cot_ptr``, the cotangent of a group statistic, becomes that of its sum
+    (in place): ``* scale / divisor`` (mean) or ``* scale^2 / divisor`` (variance).
+
+    ``NORMALIZED``: also the cotangent of the weight ``sum f_i`` through the divisor
+    ``max(weight, rho D)`` (half at a tie, as ``torch.maximum``): the statistic's derivative in
+    the divisor is ``-(mu - center) / divisor`` or ``-var / divisor``. Returns that weight
+    cotangent (0 otherwise).
+    """
+    divisor = size
+    if NORMALIZED:
+        divisor = tl.load(norm_ptr + G + g)
+    divisor_cot = 0.0
+    for c_start in range(0, C, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        if HAS_REFERENCE:
+            scale = tl.load(scale_ptr + c, mask=c_mask, other=1.0)
+        else:
+            scale = tl.zeros((BLOCK_C,), dtype=tl.float32) + 1.0
+        cot = tl.load(cot_ptr + g * C + c, mask=c_mask, other=0.0)
+        if NORMALIZED:
+            stat = tl.load(stat_ptr + g * C + c, mask=c_mask, other=0.0)
+            if not VAR:  # noqa: SIM102 (constexpr branches, one at a time)
+                if HAS_REFERENCE:
+                    stat -= tl.load(center_ptr + c, mask=c_mask, other=0.0)
+            divisor_cot += tl.sum(tl.where(c_mask, -cot * stat / divisor, 0.0), axis=0)
+        factor = scale
+        if VAR:
+            factor = scale * scale
+        tl.debug_barrier()  # every thread has read the row before any writes it
+        tl.store(cot_ptr + g * C + c, cot * factor / divisor, mask=c_mask)
+    weight_cot = divisor * 0.0
+    if NORMALIZED:
+        weight = tl.load(norm_ptr + g)
+        passed = tl.where(weight > rho * size, 1.0, tl.where(weight == rho * size, 0.5, 0.0))
+        weight_cot = divisor_cot * passed
+    return weight_cot
+
+
+@triton.jit
 def _combine_backward_kernel(
     sdyx_ptr,  # (N, C, SPLITS) fp32: partial sums of dy * xhat
     sdy_ptr,  # (N, C, SPLITS) fp32: partial sums of dy
@@ -579,6 +681,7 @@ def _combine_backward_kernel(
     clip_ptr,  # (2, 3, N) fp32: the forward's clip records
     mean_ptr,  # (G, C) fp32: group means
     raw_var_ptr,  # (G, C) fp32: group variances before the floor
+    norm_ptr,  # (2, 2, G) fp32: the forward's weights and divisors (NORMALIZED_*)
     rstd_ptr,  # (G, C) fp32
     gain_ptr,  # (G, C) fp32: rstd * weight
     d_mean_ptr,  # (G, C) fp32 scratch: cotangent of the group mean
@@ -596,9 +699,14 @@ def _combine_backward_kernel(
     clip_norm,
     var_clip_norm,
     var_floor,
+    mean_rho,
+    var_rho,
     HAS_REFERENCE: tl.constexpr,
     CLIP_MEAN: tl.constexpr,
     CLIP_VAR: tl.constexpr,
+    NORMALIZED_MEAN: tl.constexpr,
+    NORMALIZED_VAR: tl.constexpr,
+    HAS_FLOOR: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -649,13 +757,13 @@ def _combine_backward_kernel(
             out = g * C + c
             gain = tl.load(gain_ptr + out, mask=c_mask, other=0.0)
             rstd = tl.load(rstd_ptr + out, mask=c_mask, other=0.0)
-            raw = tl.load(raw_var_ptr + out, mask=c_mask, other=0.0)
-            floor = var_floor * scale_sq
-            passed = tl.where(raw > floor, 1.0, tl.where(raw == floor, 0.5, 0.0))
-            d_var = -0.5 * gain * rstd * total_dyx * passed
-            size = tl.load(size_ptr + g)
+            d_var = -0.5 * gain * rstd * total_dyx
+            if HAS_FLOOR:  # torch.maximum: the raw variance's share (half at a tie)
+                raw = tl.load(raw_var_ptr + out, mask=c_mask, other=0.0)
+                floor = var_floor * scale_sq
+                d_var *= tl.where(raw > floor, 1.0, tl.where(raw == floor, 0.5, 0.0))
             tl.store(d_mean_ptr + out, -gain * total_dy, mask=c_mask)
-            tl.store(d_sum_ptr + out, d_var * scale_sq / size, mask=c_mask)
+            tl.store(d_sum_ptr + out, d_var, mask=c_mask)
         tl.store(dweight_ptr + c, dweight, mask=c_mask)
         tl.store(dbias_ptr + c, dbias, mask=c_mask)
     tl.debug_barrier()
@@ -663,29 +771,30 @@ def _combine_backward_kernel(
     for g in range(0, G):
         start = g * GROUP_SIZE
         end = tl.minimum(start + GROUP_SIZE, N)
-        # Through the variance's clipped sum: dw, dm (into coef, offset) and d_mean += ...
-        _clip_vjp(
-            m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, var_clip_ptr, d_sum_ptr, offset_ptr,
-            coef_ptr, d_mean_ptr, g, start, end, N, C, GROUP_SIZE, var_clip_norm, True,
-            CLIP_VAR, HAS_REFERENCE, BLOCK_N, BLOCK_C,
+        size = tl.load(size_ptr + g)
+        # The variance's sum: var_g = scale^2 * S / divisor.
+        weight_cot = _sum_cotangent(
+            d_sum_ptr, raw_var_ptr, center_ptr, scale_ptr, norm_ptr + 2 * G, g, C, G, size,
+            var_rho, True, HAS_REFERENCE, NORMALIZED_VAR, BLOCK_C,
         )  # fmt: skip
         tl.debug_barrier()
-        # The mean's sum: mu_g = center + scale * S / D.
-        for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
-            c_mask = c < C
-            if HAS_REFERENCE:
-                scale = tl.load(scale_ptr + c, mask=c_mask, other=1.0)
-            else:
-                scale = tl.zeros((BLOCK_C,), dtype=tl.float32) + 1.0
-            d_mean = tl.load(d_mean_ptr + g * C + c, mask=c_mask, other=0.0)
-            size = tl.load(size_ptr + g)
-            tl.store(d_sum_ptr + g * C + c, d_mean * scale / size, mask=c_mask)
+        # Through its clipped contributions: dw, dm (into coef, offset) and d_mean += ...
+        _clip_vjp(
+            m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, var_clip_ptr, d_sum_ptr, offset_ptr,
+            coef_ptr, d_mean_ptr, g, start, end, N, C, GROUP_SIZE, var_clip_norm, weight_cot,
+            True, CLIP_VAR, HAS_REFERENCE, NORMALIZED_VAR, BLOCK_N, BLOCK_C,
+        )  # fmt: skip
+        tl.debug_barrier()
+        # The mean's sum: mu_g = center + scale * S / divisor.
+        weight_cot = _sum_cotangent(
+            d_mean_ptr, mean_ptr, center_ptr, scale_ptr, norm_ptr, g, C, G, size, mean_rho,
+            False, HAS_REFERENCE, NORMALIZED_MEAN, BLOCK_C,
+        )  # fmt: skip
         tl.debug_barrier()
         _clip_vjp(
-            m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, clip_ptr, d_sum_ptr, offset_ptr,
-            coef_ptr, d_mean_ptr, g, start, end, N, C, GROUP_SIZE, clip_norm, False, CLIP_MEAN,
-            HAS_REFERENCE, BLOCK_N, BLOCK_C,
+            m_ptr, w_ptr, mean_ptr, center_ptr, scale_ptr, clip_ptr, d_mean_ptr, offset_ptr,
+            coef_ptr, d_mean_ptr, g, start, end, N, C, GROUP_SIZE, clip_norm, weight_cot, False,
+            CLIP_MEAN, HAS_REFERENCE, NORMALIZED_MEAN, BLOCK_N, BLOCK_C,
         )  # fmt: skip
         tl.debug_barrier()
         # Per-sample coefficients of dx: dm / M and 2 dw / M.
@@ -714,6 +823,8 @@ class Combined:
         finite: ``(1,)`` int32, 1 if the running statistics are finite (and were written).
         reference: ``(2, C)`` the reference read from the running statistics (centre, scale),
             with ``reference_eps``; else ``None``.
+        norm: ``(2, 2, G)`` weights ``sum f_i`` and divisors of the self-normalized sums (mean,
+            variance); else ``None``.
     """
 
     mean: Tensor
@@ -729,6 +840,7 @@ class Combined:
     shift: Tensor
     finite: Tensor
     reference: Tensor | None = None
+    norm: Tensor | None = None
 
 
 def _f32(t: Tensor | None, like: Tensor) -> Tensor:
@@ -776,6 +888,7 @@ def combine_forward(
     num_batches_tracked: Tensor | None = None,
     coef_mode: int = COEF_GROUPS,
     reference_eps: float | None = None,
+    weight_floors: tuple[float, float] | None = None,
 ) -> Combined:
     """Stage 2 of a training forward in one launch (see the module docstring).
 
@@ -799,6 +912,10 @@ def combine_forward(
         reference_eps: if given (and no ``center``/``scale``), the clipping reference is the
             running statistics before the update, ``(running_mean, sqrt(running_var + eps))``;
             the kernel reads them itself and returns the snapshot (``Combined.reference``).
+        weight_floors: ``(rho1, rho2)``: self-normalized sums (the clipped layer's statistics,
+            :func:`safenorm.functional.clipped_statistics`), each clipped sum divided by
+            ``max(sum f_i, rho D)``; ``None``: by ``D`` (:func:`~safenorm.functional.
+            private_statistics`).
     """
     from_partials = len(moments) == 3
     first = moments[0]
@@ -830,6 +947,9 @@ def combine_forward(
     finite = torch.empty(1, device=device, dtype=torch.int32)
     dummy = empty(1)
     reference = empty(2, c) if from_running else None
+    normalized = weight_floors is not None
+    rho1, rho2 = weight_floors if normalized else (0.0, 0.0)
+    norm = empty(2, 2, g) if normalized else None
     # One program: the whole combine (clipping couples channels, the group sums samples).
     _combine_forward_kernel[(1,)](
         pivot,
@@ -853,6 +973,7 @@ def combine_forward(
         mean,
         var,
         raw_var,
+        norm if normalized else dummy,
         empty(2, c) if update else dummy,
         norm_mean,
         norm_var,
@@ -870,6 +991,8 @@ def combine_forward(
         float(noise_multiplier) * (r1 if clip_mean else math.inf) if has_noise else 0.0,
         float(noise_multiplier) * (r2 if clip_var else math.inf) if has_noise else 0.0,
         float(var_floor),
+        float(rho1),
+        float(rho2),
         float(eps),
         float(momentum),
         float(reference_eps) if from_running else 0.0,
@@ -879,6 +1002,8 @@ def combine_forward(
         REFERENCE_RUNNING=from_running,
         CLIP_MEAN=clip_mean,
         CLIP_VAR=clip_var,
+        NORMALIZED_MEAN=normalized and clip_mean,
+        NORMALIZED_VAR=normalized and clip_var,
         HAS_NOISE=has_noise,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
@@ -890,8 +1015,9 @@ def combine_forward(
         num_warps=_NUM_WARPS,
     )
     return Combined(
-        mean, var, raw_var, m, w, clip, norm_mean, norm_var, rstd, gain, shift, finite, reference
-    )
+        mean, var, raw_var, m, w, clip, norm_mean, norm_var, rstd, gain, shift, finite,
+        reference, norm,
+    )  # fmt: skip
 
 
 def combine_backward(
@@ -907,6 +1033,7 @@ def combine_backward(
     clip_norm: float = math.inf,
     var_clip_norm: float = math.inf,
     var_floor: float = 0.0,
+    weight_floors: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`combine_forward` (``COEF_GROUPS``, consecutive groups, no noise)
     composed with the normalization's.
@@ -915,8 +1042,8 @@ def combine_backward(
         sdyx, sdy: ``(N, C, splits)`` partial sums of ``dy * xhat`` and ``dy`` (the reduce pass
             of :func:`safenorm.kernels.normalize.normalize_backward` with ``partials=True``).
         forward: what :func:`combine_forward` returned.
-        spatial, sizes, group_size, center, scale, clip_norm, var_clip_norm, var_floor: as
-            given to :func:`combine_forward`.
+        spatial, sizes, group_size, center, scale, clip_norm, var_clip_norm, var_floor,
+            weight_floors: as given to :func:`combine_forward`.
 
     Returns:
         ``(coef, offset, dweight, dbias)``: ``(N, C)`` fp32 with ``dx = dy * gain + coef *
@@ -944,6 +1071,7 @@ def combine_backward(
         forward.clip,
         forward.mean,
         forward.raw_var,
+        forward.norm if forward.norm is not None else forward.raw_var,
         forward.rstd,
         forward.gain,
         d_mean,
@@ -961,9 +1089,14 @@ def combine_backward(
         r1,
         r2,
         float(var_floor),
+        float(weight_floors[0]) if weight_floors else 0.0,
+        float(weight_floors[1]) if weight_floors else 0.0,
         HAS_REFERENCE=center is not None or scale is not None,
         CLIP_MEAN=clip_mean,
         CLIP_VAR=clip_var,
+        NORMALIZED_MEAN=weight_floors is not None and clip_mean,
+        NORMALIZED_VAR=weight_floors is not None and clip_var,
+        HAS_FLOOR=var_floor > 0,
         BLOCK_N=_BLOCK_N,
         BLOCK_C=min(_BLOCK_C, triton.next_power_of_2(c)),
         num_warps=_NUM_WARPS,

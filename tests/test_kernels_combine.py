@@ -280,3 +280,63 @@ def test_reference_read_from_the_running_buffers(monkeypatch, coef_mode):
     _close(rv, expected_var, "running_var")
     with pytest.raises(ValueError, match="running buffers"):
         K.combine_forward((m, w), spatial, groups.size, reference_eps=1e-3)
+
+
+def _weight_floors(r1, r2, c):
+    if not hasattr(SF, "weight_floor"):
+        pytest.skip("safenorm.functional without self-normalized clipped statistics")
+    return SF.weight_floor(r1, c), SF.weight_floor(r2, c)
+
+
+@pytest.mark.parametrize("n, c, ghost, r1, r2, floor, with_reference", BACKWARD_CASES)
+def test_self_normalized_clipped_statistics_match_functional(
+    n, c, ghost, r1, r2, floor, with_reference
+):
+    """The clipped layer's statistics (each clipped sum divided by ``max(sum f_i, rho D)``),
+    forward and backward, against :func:`safenorm.functional.clipped_statistics`."""
+    del floor  # the clipped layer has none
+    spatial = 6
+    floors = _weight_floors(r1, r2, c)
+    m, w = _moments(n, c, spatial, seed=n + 1)
+    g = torch.Generator().manual_seed(6)
+    center = torch.randn(c, generator=g).to(DEVICE) if with_reference else None
+    scale = (torch.rand(c, generator=g) + 0.5).to(DEVICE) if with_reference else None
+    weight = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
+    groups = SF.consecutive_groups(n, ghost or None, torch.device(DEVICE))
+    bounds = dict(clip_norm=r1, var_clip_norm=r2)
+    reference = SF.ClipReference(center=center, scale=scale)
+    leaves = m.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = SF.clipped_statistics(*leaves, groups, reference=reference, **bounds)
+    out = K.combine_forward((m, w), spatial, groups.size, group_size=ghost, center=center,
+                            scale=scale, weight=weight, weight_floors=floors, **bounds)  # fmt: skip
+    _close(out.mean, ref.mean.detach(), "mean")
+    _close(out.var, ref.var.detach(), "var")
+    sdyx = torch.randn(n, c, 1, generator=g).to(DEVICE)
+    sdy = torch.randn(n, c, 1, generator=g).to(DEVICE)
+    coef, offset, _, _ = K.combine_backward(
+        sdyx, sdy, out, spatial, groups.size, group_size=ghost, center=center, scale=scale,
+        weight_floors=floors, **bounds,
+    )  # fmt: skip
+    mean_i, var_i = groups.per_sample(ref.mean), groups.per_sample(ref.var)
+    rstd = torch.rsqrt(var_i + 1e-5)
+    gain = rstd * weight
+    cotangents = (-(gain * sdy.sum(2))).detach(), (-0.5 * gain * rstd * sdyx.sum(2)).detach()
+    dm, dw = torch.autograd.grad((mean_i, var_i), leaves, cotangents)
+    _close(offset * spatial, dm, "dm")
+    _close(coef * spatial / 2, dw, "dw")
+
+
+def test_self_normalized_statistics_are_exact_when_every_sample_is_clipped_alike():
+    """Copies of one sample exceed the bounds by one factor (less than ``1 / rho``): the weights
+    cancel and the statistics are exactly the data's (what the self-normalization is for)."""
+    bounds = dict(clip_norm=2.0, var_clip_norm=0.4)  # ||m_i|| = 3.74, ||w_i|| = 0.87
+    floors = _weight_floors(2.0, 0.4, 3)
+    m = torch.tensor([[1.0, 2.0, 3.0]], device=DEVICE).expand(4, 3).contiguous()
+    w = torch.full((4, 3), 0.5, device=DEVICE)
+    groups = SF.consecutive_groups(4, None, torch.device(DEVICE))
+    out = K.combine_forward((m, w), 5, groups.size, weight_floors=floors, **bounds)
+    ref = SF.clipped_statistics(m, w, groups, **bounds)
+    _close(out.mean, ref.mean, "mean")
+    _close(out.var, ref.var, "var")
+    torch.testing.assert_close(out.mean[0], m[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.var[0], w[0], rtol=1e-6, atol=1e-6)

@@ -132,6 +132,16 @@ class Stage2:
         center, scale = self.reference_tensors()
         return {"center": center, "scale": scale}
 
+    def weight_floors(self, channels: int) -> tuple[float, float] | None:
+        """``(rho1, rho2)`` of the clipped layer's self-normalized sums
+        (:func:`safenorm.functional.clipped_statistics`), or ``None`` for sums divided by the
+        public denominator (the DP release, and a :mod:`safenorm.functional` whose clipped
+        statistics divide by the batch size)."""
+        weight_floor = getattr(SF, "weight_floor", None)
+        if self.denominator is not None or weight_floor is None or not self.clipped:
+            return None
+        return weight_floor(self.clip_norm, channels), weight_floor(self.var_clip_norm, channels)
+
     def adopt_reference(self, combined: object) -> None:
         """Hand the kernel's snapshot of a running reference back to it."""
         if getattr(combined, "reference", None) is not None:
@@ -378,6 +388,7 @@ def train_forward(
         clip_norm=stage2.clip_norm,
         var_clip_norm=stage2.var_clip_norm,
         var_floor=stage2.var_floor,
+        weight_floors=stage2.weight_floors(x.shape[1]),
         weight=weight,
         bias=bias,
         eps=eps,
@@ -419,6 +430,7 @@ def train_backward(
         clip_norm=stage2.clip_norm,
         var_clip_norm=stage2.var_clip_norm,
         var_floor=stage2.var_floor,
+        weight_floors=stage2.weight_floors(x.shape[1]),
     )
     dx, _, _ = normalize.normalize_backward(
         dy, x, None, None, c.gain, coef, c.m, offset, group_size=group
