@@ -302,9 +302,11 @@ def test_property_clipped_statistics_stay_within_the_clip_ball(n, c, r1, r2, sca
     m, w = safenorm.functional.per_sample_moments(x)
     groups = safenorm.functional.consecutive_groups(n, None, x.device)
     stats = safenorm.functional.clipped_statistics(m, w, groups, clip_norm=r1, var_clip_norm=r2)
-    # Every contribution has norm <= R, so the averages do too.
-    assert float(torch.linalg.vector_norm(stats.mean[0])) <= r1 + 1e-9
-    assert float(torch.linalg.vector_norm(stats.var[0])) <= r2 + 1e-9
+    # Every contribution has norm <= R and every denominator is >= rho D, so the
+    # self-normalized averages have norm <= R / rho.
+    rho1, rho2 = (safenorm.functional.weight_floor(r, c) for r in (r1, r2))
+    assert float(torch.linalg.vector_norm(stats.mean[0])) <= r1 / rho1 * (1 + 1e-9)
+    assert float(torch.linalg.vector_norm(stats.var[0])) <= r2 / rho2 * (1 + 1e-9)
     assert (stats.var >= 0).all()
 
 

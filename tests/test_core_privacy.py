@@ -208,15 +208,19 @@ def test_replacing_one_sample_moves_clipped_statistics_within_the_bound(adversar
     m, mu, var = clipped(x)
     _, mu_adv, var_adv = clipped(x_adv)
     s = reference.scale
-    # Mean: one replaced sample moves mu by at most 2 R1 / D in reference units.
-    assert float(torch.linalg.vector_norm((mu_adv - mu) / s)) <= 2 * r1 / n + 1e-9
-    # Variance: its own term moves it by at most 2 R2 / D; through the centre, every other
-    # term moves by at most |d mu| * |2 m_j - mu - mu'| / s^2 (clipping is 1-Lipschitz).
+    rho1, rho2 = SF.weight_floor(r1, c), SF.weight_floor(r2, c)
+    # Mean: each clipped term has norm <= R1 and the denominator is >= rho D, so one replaced
+    # sample moves mu by at most (2 + 1/rho) R1 / (rho D) in reference units.
+    shift = float(torch.linalg.vector_norm((mu_adv - mu) / s))
+    assert shift <= (2 + 1 / rho1) * r1 / (rho1 * n) + 1e-9
+    # Variance: its own term as for the mean; through the centre, every other term u_j moves by
+    # delta_j <= |d mu| * |2 m_j - mu - mu'| / s^2, its clipped value by at most delta_j
+    # (clipping is 1-Lipschitz) and its weight by at most delta_j / R2.
     through_centre = sum(
         float(torch.linalg.vector_norm((mu_adv - mu) * (2 * m[j] - mu - mu_adv) / s**2))
         for j in range(1, n)
     )
-    bound = (2 * r2 + through_centre) / n
+    bound = ((2 + 1 / rho2) * r2 + (1 + 1 / rho2) * through_centre) / (rho2 * n)
     assert float(torch.linalg.vector_norm((var_adv - var) / s**2)) <= bound + 1e-9
     assert torch.isfinite(var_adv).all()
 

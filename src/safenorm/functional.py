@@ -40,6 +40,7 @@ __all__ = [
     "PrivateStatistics",
     "batch_statistics",
     "clip_rows",
+    "clip_rows_with_factors",
     "clipped_batch_norm",
     "clipped_statistics",
     "consecutive_groups",
@@ -56,6 +57,7 @@ __all__ = [
     "private_statistics",
     "random_groups",
     "statistics_to_normalize_with",
+    "weight_floor",
 ]
 
 
@@ -209,8 +211,17 @@ def clip_rows(u: Tensor, max_norm: float) -> Tensor:
     zero: whatever one sample's values, its contribution has norm at most ``R`` and depends on that
     sample only, so no input can make a release non-finite (docs/PRIVACY.md).
     """
+    return clip_rows_with_factors(u, max_norm)[0]
+
+
+def clip_rows_with_factors(u: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
+    """:func:`clip_rows` and each row's clip factor ``min(1, R / ||u_i||)``, ``(N, 1)``.
+
+    The factor is 0 for a non-finite row (its contribution is zero) and underflows to 0 for a
+    row whose norm overflows; 1 for rows within the bound. Infinite ``R``: ``(u, 1)``.
+    """
     if math.isinf(max_norm):
-        return u
+        return u, u.new_ones((u.shape[0], 1))
     finite = torch.isfinite(u).all(dim=1, keepdim=True)
     u = torch.where(finite, u, torch.zeros_like(u))  # before any arithmetic: no NaN gradients
     peak = u.abs().amax(dim=1, keepdim=True)
@@ -218,9 +229,12 @@ def clip_rows(u: Tensor, max_norm: float) -> Tensor:
     # to inf: the comparison below is still right, and the clipped row is formed from ``unit``.
     unit = u / torch.where(peak > 0, peak, torch.ones_like(peak))
     unit_norms = torch.linalg.vector_norm(unit, dim=1, keepdim=True)
+    norms = peak * unit_norms
+    over = norms > max_norm
     clipped = unit * (max_norm / unit_norms.clamp_min(1e-30))
     # Rows within the bound (zero rows included) are returned exactly.
-    return torch.where(peak * unit_norms > max_norm, clipped, u)
+    factor = torch.where(over, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
+    return torch.where(over, clipped, u), torch.where(finite, factor, torch.zeros_like(factor))
 
 
 def batch_statistics(m: Tensor, w: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
@@ -343,6 +357,12 @@ def private_statistics(
     return PrivateStatistics(mean=mean, var=var, groups=groups)
 
 
+def weight_floor(bound: float, channels: int) -> float:
+    """``rho = min(1/2, R / (2 sqrt(C)))``: the smallest share of the batch the clipped layer's
+    self-normalized statistics divide by (:func:`clipped_statistics`)."""
+    return min(0.5, bound / (2.0 * math.sqrt(channels)))
+
+
 def clipped_statistics(
     m: Tensor,
     w: Tensor,
@@ -353,21 +373,49 @@ def clipped_statistics(
     reference: ClipReference | None = None,
     all_reduce: AllReduce | None = None,
 ) -> PrivateStatistics:
-    """Per-sample-clipped statistics without noise (not DP): see :func:`private_statistics`.
+    """Per-sample-clipped statistics without noise (bounded influence, not DP).
 
-    With ``all_reduce`` the denominators (actual group sizes) are summed across processes too.
+    Self-normalized: clipping down-weights a sample instead of truncating every sample's share.
+    In the reference's units, with ``f_i = min(1, R / ||u_i||)`` each contribution's clip factor
+    and ``D`` the group's actual size::
+
+        mu  = center + scale * sum_i clip(mc_i, R1) / max(sum_i f_i, rho1 D)
+        var = scale^2 * sum_i clip(v_i(mu) / scale^2, R2) / max(sum_i f_i, rho2 D)
+
+    ``rho = min(1/2, R / (2 sqrt(C)))`` (:func:`weight_floor`). When every sample exceeds the
+    bound by the same factor the weights cancel and the statistic is exact, so a tight bound
+    does not bias the variance low; when they exceed it by more than ``1 / rho`` the variance is
+    at least twice the reference's, so the running statistics grow back toward the activations
+    instead of collapsing. With infinite bounds every ``f_i = 1`` and this is exactly BN.
+
+    Influence: each clipped term has norm at most ``R`` and each denominator at least
+    ``rho D``, so replacing one sample moves ``(mu - center) / scale`` by at most
+    ``(2 + 1/rho) R1 / (rho D)``, and its own term moves ``var / scale^2`` by at most
+    ``(2 + 1/rho) R2 / (rho D)`` (plus, as for every clipped variance, the shift of the other
+    samples' terms through ``mu``).
+
+    With ``all_reduce`` the sums, weights and denominators are summed across processes.
     """
+    reference = reference or ClipReference()
+    center, scale = reference.center_like(m), reference.scale_like(m)
+    size = groups.size.to(m.dtype).unsqueeze(1)
+    reduce = all_reduce or (lambda t: t)
     if all_reduce is not None:
-        groups = Groups(index=groups.index, size=all_reduce(groups.size))
-    return private_statistics(
-        m,
-        w,
-        groups,
-        clip_norm=clip_norm,
-        var_clip_norm=var_clip_norm,
-        reference=reference,
-        all_reduce=all_reduce,
-    )
+        size = all_reduce(size)
+    channels = m.shape[1]
+
+    def self_normalized(contributions: Tensor, bound: float) -> Tensor:
+        clipped, factors = clip_rows_with_factors(contributions, bound)
+        weight = reduce(groups.sum(factors.to(clipped.dtype)))
+        return reduce(groups.sum(clipped)) / torch.maximum(
+            weight, weight_floor(bound, channels) * size
+        )
+
+    mean = center + scale * self_normalized((m - center) / scale, clip_norm)
+    scale_sq = scale * scale
+    centred = (w + (m - groups.per_sample(mean)) ** 2) / scale_sq
+    var = scale_sq * self_normalized(centred, var_clip_norm)
+    return PrivateStatistics(mean=mean, var=var, groups=groups)
 
 
 def pooled_running_update(
