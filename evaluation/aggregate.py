@@ -84,7 +84,7 @@ _MIA = ("membership", "eval", "{headline}")
 METRICS: tuple[SeedMetric, ...] = (
     SeedMetric("test_acc", "test acc (%)", lambda s, h: _pct(s), leakage=False, digits=2),
     SeedMetric("exposure", "exposure (bits)", _path("exposure", "in"), digits=2),
-    SeedMetric("exposure_extrapolated", "extrap. exposure", _path("exposure", "in_extrapolated")),
+    SeedMetric("exposure_extrapolated", "extrap. exposure", _path("exposure", "extrapolated_in")),
     SeedMetric("in_out_gap", "in−out gap of φ", _path("exposure", "in_out_gap"), digits=2),
     SeedMetric(
         "grad_norm_ratio",

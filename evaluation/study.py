@@ -253,7 +253,8 @@ def _iv(d: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
     return f"{fmt.format(d['mean'])} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]"
 
 
-HEADLINE_COLUMNS = ("test_acc", "exposure", "in_out_gap", "grad_norm_ratio", "auc_pool", "tpr_1")
+HEADLINE_COLUMNS = ("test_acc", "exposure", "exposure_extrapolated", "in_out_gap")
+HEADLINE_COLUMNS += ("grad_norm_ratio", "auc_pool", "tpr_1")
 HEADLINE_COLUMNS += ("tpr_01", "auc_canaries", "audit_eps")
 
 

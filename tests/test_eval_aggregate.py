@@ -148,3 +148,5 @@ def test_cell_metrics_reads_a_summary():
     assert m["test_acc"] == pytest.approx(98.1) and m["auc_pool"] == 0.656
     assert m["tpr_01"] == 0.03 and m["grad_norm_ratio"] == 111.0 and m["influence"] == 0.25
     assert m["audit_eps"] is None and m["exposure_extrapolated"] is None
+    s["exposure"]["extrapolated_in"] = 8.4
+    assert agg.cell_metrics(s, "lira-online")["exposure_extrapolated"] == 8.4
