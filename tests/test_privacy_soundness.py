@@ -196,3 +196,12 @@ def test_fullgraph_compile_of_an_unaccounted_dp_layer_works_and_still_warns():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     assert not _releases_warn_unaccounted(compiled)
     assert ledger.total_releases == 2
+
+
+def test_dp_layer_warns_when_its_variance_bound_cannot_follow_the_activations():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        safenorm.DPBatchNorm2d(16)  # the defaults do not warn
+        safenorm.DPBatchNorm2d(16, var_clip_norm=0.5, clip_reference="none")  # raw units
+    with pytest.warns(UserWarning, match="measured to diverge"):
+        safenorm.DPBatchNorm2d(16, var_clip_norm=0.25 * 4)

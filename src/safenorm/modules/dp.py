@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -189,6 +190,7 @@ class DPBatchNorm(SafeBatchNormBase):
         self.clip_reference = clip_reference
         self.normalize_with = normalize_with
         self.var_floor = float(var_floor)
+        _warn_if_variance_cannot_grow(name, clip_reference, self.var_clip_norm, num_features)
         self.generator = generator
         self.secure_mode = secure_mode
         if frozen_statistics and not track_running_stats:
@@ -317,6 +319,33 @@ class DPBatchNorm(SafeBatchNormBase):
         self._record_release()
         self.last_statistics = (mean, var)
         return SF.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
+
+
+#: Below this many running-variance units per channel (RMS), the variance release cannot follow
+#: activations that grow: training on digits diverged at 1/4 and 1/16 of the default
+#: ``var_clip_norm`` and trained at 1x and 16x (examples/tight_bounds.py).
+MIN_VAR_CLIP_PER_CHANNEL = 0.5
+
+
+def _warn_if_variance_cannot_grow(
+    name: str, clip_reference: str, var_clip_norm: float, num_features: int
+) -> None:
+    # Each release's variance is at most about R2 / sqrt(C) running-variance units per channel
+    # (its public denominator cannot adapt, unlike the clipped layer's self-normalized one), so
+    # a smaller bound keeps shrinking the running variance while the activations stay put.
+    if clip_reference != "running":
+        return
+    if var_clip_norm < MIN_VAR_CLIP_PER_CHANNEL * math.sqrt(num_features):
+        warnings.warn(
+            f"{name}: var_clip_norm={var_clip_norm:g} is below "
+            f"{MIN_VAR_CLIP_PER_CHANNEL} * sqrt(num_features): a released variance can then "
+            "barely exceed the running one, the running variance shrinks whenever the bound "
+            "binds, and training has been measured to diverge. Use var_clip_norm >= "
+            f"{MIN_VAR_CLIP_PER_CHANNEL * math.sqrt(num_features):.3g} (default "
+            f"{DEFAULT_VAR_CLIP_PER_CHANNEL:g} * sqrt(C)).",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 class DPBatchNorm1d(DPBatchNorm):
