@@ -49,7 +49,7 @@ COEF_GROUPS, COEF_SAMPLES, COEF_RUNNING = 0, 1, 2
 # Per-sample clip record, per phase: divisor (the row's peak), multiplier (R / unit norm),
 # state (0 within the bound, 1 clipped, -1 non-finite: contributes zero), factor
 # (min(1, R / ||u||) as clip_rows_with_factors: 0 for a non-finite row).
-_CLIP_FIELDS = 4
+_CLIP_FIELDS = tl.constexpr(4)
 
 
 @triton.jit
@@ -942,7 +942,7 @@ def combine_forward(
     rows = {COEF_GROUPS: g, COEF_SAMPLES: n, COEF_RUNNING: 1}[coef_mode]
     empty = lambda *shape: torch.empty(shape, device=device, dtype=torch.float32)  # noqa: E731
     mean, var, raw_var = empty(g, c), empty(g, c), empty(g, c)
-    clip = empty(2, _CLIP_FIELDS, max(n, 1))
+    clip = empty(2, _CLIP_FIELDS.value, max(n, 1))
     norm_mean, norm_var, rstd, gain, shift = (empty(max(rows, 1), c)[:rows] for _ in range(5))
     finite = torch.empty(1, device=device, dtype=torch.int32)
     dummy = empty(1)
