@@ -322,9 +322,9 @@ class DPBatchNorm(SafeBatchNormBase):
 
 
 #: Below this many running-variance units per channel (RMS), the variance release cannot follow
-#: activations that grow: training on digits diverged at 1/4 and 1/16 of the default
-#: ``var_clip_norm`` and trained at 1x and 16x (examples/tight_bounds.py).
-MIN_VAR_CLIP_PER_CHANNEL = 0.5
+#: activations that grow: training on digits diverged at 1/16, 1/4 and 1/2 of the default
+#: ``var_clip_norm`` and stayed finite at 1x and 16x (examples/results/tight_bounds.md).
+MIN_VAR_CLIP_PER_CHANNEL = 1.0
 
 
 def _warn_if_variance_cannot_grow(
