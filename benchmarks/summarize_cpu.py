@@ -23,9 +23,9 @@ def summarize(path: str) -> str:
     lines = [
         f"CPU: {machine.get('cpu', {}).get('brand_raw', 'unknown')}, "
         f"{machine.get('cpu', {}).get('count', '?')} logical cores, Python "
-        f"{machine.get('python_version')}, torch {data.get('torch_version', '?')}; "
-        "forward + backward, median of 40 rounds after 5 warm-up rounds, time relative to "
-        "nn.BatchNorm2d (lower is faster).",
+        f"{machine.get('python_version')}, torch {data.get('torch_version', '?')}, "
+        f"{data.get('torch_threads', '?')} torch threads; forward + backward, median of 40 "
+        "rounds after 5 warm-up rounds, time relative to nn.BatchNorm2d (lower is faster).",
         "",
         "| shape (N,C,H,W) format | BatchNorm2d ms | " + " | ".join(providers[1:]) + " |",
         "|---|---|" + "---|" * (len(providers) - 1),

@@ -123,11 +123,16 @@ class Stage2:
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
         return detach(reference.center), detach(reference.scale)
 
-    def combine_reference(self, running: bool) -> dict:
+    def combine_reference(self, running_mean: Tensor | None, running_var: Tensor | None) -> dict:
         """The reference arguments of the combine kernel: the kernel reads a running reference
-        not yet taken from the buffers it updates (``running``), else the tensors."""
+        not yet taken from the very buffers it updates, else it gets the tensors."""
         reference = self.reference
-        if isinstance(reference, RunningReference) and not reference.taken and running:
+        if (
+            isinstance(reference, RunningReference)
+            and not reference.taken
+            and reference.running[0] is running_mean
+            and reference.running[1] is running_var
+        ):
             return {"reference_eps": reference.running[2]}
         center, scale = self.reference_tensors()
         return {"center": center, "scale": scale}
@@ -384,7 +389,7 @@ def train_forward(
         spatial,
         sizes,
         group_size=group,
-        **stage2.combine_reference(update),
+        **stage2.combine_reference(running_mean, running_var),
         clip_norm=stage2.clip_norm,
         var_clip_norm=stage2.var_clip_norm,
         var_floor=stage2.var_floor,
@@ -487,7 +492,7 @@ def release(
             spatial,
             sizes,
             index=index,
-            **stage2.combine_reference(update),
+            **stage2.combine_reference(running_mean, running_var),
             clip_norm=stage2.clip_norm,
             var_clip_norm=stage2.var_clip_norm,
             noise=noise,
