@@ -140,12 +140,11 @@ class Stage2:
     def weight_floors(self, channels: int) -> tuple[float, float] | None:
         """``(rho1, rho2)`` of the clipped layer's self-normalized sums
         (:func:`safenorm.functional.clipped_statistics`), or ``None`` for sums divided by the
-        public denominator (the DP release, and a :mod:`safenorm.functional` whose clipped
-        statistics divide by the batch size)."""
-        weight_floor = getattr(SF, "weight_floor", None)
-        if self.denominator is not None or weight_floor is None or not self.clipped:
+        public denominator (the DP release) or without clipping (ghost BN)."""
+        if self.denominator is not None or not self.clipped:
             return None
-        return weight_floor(self.clip_norm, channels), weight_floor(self.var_clip_norm, channels)
+        floor = SF.weight_floor
+        return floor(self.clip_norm, channels), floor(self.var_clip_norm, channels)
 
     def adopt_reference(self, combined: object) -> None:
         """Hand the kernel's snapshot of a running reference back to it."""
