@@ -107,30 +107,18 @@ def release(
 ) -> tuple[Tensor, Tensor]:
     """The DP release of ``input`` (``stage2.denominator`` public, ``stage2.noise_multiplier``),
     the running update from it, and the detached statistics to normalize with."""
+    options = {"normalize_with": normalize_with, "generator": generator, "secure_mode": secure_mode}
     if not _eager_kernels(input):
         return _registrations.compiled_release(
-            input,
-            running_mean,
-            running_var,
-            momentum,
-            stage2,
-            normalize_with=normalize_with,
-            generator=generator,
-            secure_mode=secure_mode,
+            input, running_mean, running_var, momentum, stage2, **options
         )
     tracked = running_mean is not None and running_var is not None
     check = take_check() if tracked else None
+    batches = None if check is None else check.num_batches_tracked
     mean, var, finite = _release(
-        input,
-        running_mean,
-        running_var,
-        float(momentum),
-        stage2,
-        normalize_with=normalize_with,
-        generator=generator,
-        secure_mode=secure_mode,
-        num_batches_tracked=None if check is None else check.num_batches_tracked,
-    )
+        input, running_mean, running_var, float(momentum), stage2, **options,
+        num_batches_tracked=batches,
+    )  # fmt: skip
     if check is not None:
         check.finite = finite[0]
     return mean, var
