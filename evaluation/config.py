@@ -439,6 +439,8 @@ def _frontier() -> EvalConfig:
             "ghost@8",
             "ghost",
             "ghost@32",
+            "clipped@0.0625",
+            "clipped@0.125",
             "clipped@0.25",
             "clipped@0.5",
             "clipped",
