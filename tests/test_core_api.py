@@ -165,6 +165,22 @@ def test_deferred_finite_check_restores_now_and_raises_at_the_next_forward(famil
     assert torch.isfinite(layer.running_mean).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deferred_finite_check_keeps_the_native_backward_working(dtype, monkeypatch):
+    """Before: the deferred restore wrote the running buffers in place after the native batch
+    norm had saved them, and backward raised 'modified by an inplace operation' (CUDA without
+    the kernels, or float64)."""
+    monkeypatch.setattr(safenorm.SafeBatchNormBase, "_defers_check", lambda self, x: True)
+    layer = safenorm.GhostBatchNorm2d(3).to(dtype)
+    reference = nn.BatchNorm2d(3).to(dtype)
+    x = torch.randn(4, 3, 2, 2, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer(x).square().sum().backward()
+    reference(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
 def _public(family: str) -> dict:
     return {"expected_batch_size": 4} if family == "DPBatchNorm" else {}
 

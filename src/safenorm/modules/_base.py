@@ -253,7 +253,10 @@ class SafeBatchNormBase(nn.Module):
         )
         if in_graph or self._defers_check(input):
             for buffer, saved in zip(buffers, before, strict=True):
-                buffer.copy_(torch.where(finite, buffer, saved))
+                # Eager: through .data, so the restore does not bump the version counter of
+                # buffers the native batch norm saved for its backward (it reads them there).
+                target = buffer if torch.compiler.is_compiling() else buffer.data
+                target.copy_(torch.where(finite, buffer, saved))
             if not in_graph:
                 self._pending_check = _DeferredCheck(finite)
             return output
