@@ -5,7 +5,8 @@ per-sample clipping, ``make_private_with_epsilon`` calibrated to the same ``(eps
 
 * ``dp``: BatchNorm converted to :class:`safenorm.DPBatchNorm2d`, trained with
   :class:`safenorm.opacus.PrivacyEngine` (gradient AND statistics noise within the budget);
-* ``dp-groupnorm``: Opacus' ``ModuleValidator.fix`` (GroupNorm), plain ``opacus.PrivacyEngine``;
+* ``dp-groupnorm``: Opacus' ``ModuleValidator.fix`` (``GroupNorm(min(32, C), C)``: InstanceNorm on
+  the 16/32-channel nets of this study), plain ``opacus.PrivacyEngine``;
 * ``dp-none``: BatchNorm removed, plain ``opacus.PrivacyEngine``;
 * ``dp-exact-stats`` (a diagnostic, **not private**): DPBatchNorm whose statistics get
   (almost) no noise, with the gradient noise of the gradient-only methods at the target epsilon:
