@@ -1,8 +1,8 @@
 """safenorm's evaluation harness: how much does a normalization layer memorize and leak?
 
 For each normalization variant (``bn``, ``ghost``, ``clipped``, ``dp``, ``opacus-fix``,
-``groupnorm``, ``instancenorm``, ``layernorm``, ``none``; more via :func:`register_variant`) on the same data, model family,
-seeds and schedule, it measures
+``groupnorm``, ``instancenorm``, ``layernorm``, ``none``; more via :func:`register_variant`) on
+the same data, model family, seeds and schedule, it measures
 
 1. canary memorization: exposure of out-of-distribution canaries and the in-out gap of LiRA's
    logit-scaled confidence;
