@@ -1,4 +1,4 @@
-"""Command line: ``safenorm-eval run|report|merge|list``."""
+"""Command line: ``safenorm-eval run|report|merge|list|utility|finetune``."""
 
 from __future__ import annotations
 
@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     util.add_argument("--methods", default="dp,dp-groupnorm,dp-none")
     util.add_argument("--statistics-share", type=float, default=0.1)
     util.add_argument("--workers", type=int, default=2)
+
+    tune = sub.add_parser(
+        "finetune",
+        help="DP fine-tuning study of a BatchNorm-pretrained model (public digits 0-4, private "
+        "5-9): Opacus' fix, GroupNorm, linear probe vs safenorm's frozen/released statistics",
+    )
+    tune.add_argument("--out", type=Path, default=Path("safenorm-finetune-out"))
+    tune.add_argument("--tasks", default="plain,rotated", help="comma-separated private tasks")
+    tune.add_argument("--methods", help="comma-separated methods (default: all)")
+    tune.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons")
+    tune.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
+    tune.add_argument("--epochs", type=int, default=10)
+    tune.add_argument("--workers", type=int, default=2)
     return parser
 
 
@@ -135,6 +148,23 @@ def _cmd_utility(args: argparse.Namespace) -> int:
     )
     run_utility_study(config, args.out)
     print((args.out / "utility.md").read_text())
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from safenorm.evaluation.finetune import FinetuneConfig, run_finetune_study
+
+    chosen = {"methods": tuple(args.methods.split(","))} if args.methods else {}
+    config = FinetuneConfig(
+        tasks=tuple(args.tasks.split(",")),
+        epsilons=_floats(args.epsilons),
+        seeds=tuple(int(v) for v in args.seeds.split(",")),
+        epochs=args.epochs,
+        workers=args.workers,
+        **chosen,
+    )
+    run_finetune_study(config, args.out)
+    print((args.out / "finetune.md").read_text())
     return 0
 
 
@@ -325,6 +355,7 @@ COMMANDS = {
     "merge": _cmd_merge,
     "list": _cmd_list,
     "utility": _cmd_utility,
+    "finetune": _cmd_finetune,
 }
 
 
