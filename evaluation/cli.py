@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "5-9): Opacus' fix, GroupNorm, linear probe vs safenorm's frozen/released statistics",
     )
     tune.add_argument("--out", type=Path, default=Path("safenorm-finetune-out"))
-    tune.add_argument("--tasks", default="plain,rotated", help="comma-separated private tasks")
+    tune.add_argument("--tasks", default="plain,rotated,rotated-scarce", help="private tasks")
     tune.add_argument("--methods", help="comma-separated methods (default: all)")
     tune.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons")
     tune.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")

@@ -157,6 +157,14 @@ def test_rotated_task_rotates_the_private_images_only():
     assert torch.equal(rotated["test"][0], torch.rot90(plain["test"][0], 1, dims=(2, 3)))
     assert torch.equal(rotated["test"][1], plain["test"][1])
     assert set(plain["train"][1].tolist()) == {0, 1, 2, 3, 4}
+    scarce = _splits("rotated-scarce", 0.2, 0.2)
+    assert torch.equal(scarce["test"][0], rotated["test"][0])  # the same test split
+    counts = torch.bincount(scarce["train"][1]).float()
+    share = counts / torch.bincount(rotated["train"][1])
+    assert torch.allclose(share, torch.tensor(0.3), atol=0.02)
+    # A subset of the rotated training images, not new ones.
+    pool = {tuple(x.flatten().tolist()) for x in rotated["train"][0]}
+    assert all(tuple(x.flatten().tolist()) in pool for x in scarce["train"][0])
     with pytest.raises(ValueError, match="unknown task 'flipped'"):
         _splits("flipped", 0.2, 0.2)
 
