@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons")
     tune.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
     tune.add_argument("--epochs", type=int, default=10)
+    tune.add_argument("--validation-repeats", type=int, default=1, help="runs per lr, averaged")
     tune.add_argument("--workers", type=int, default=2)
     return parser
 
@@ -160,6 +161,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         epsilons=_floats(args.epsilons),
         seeds=tuple(int(v) for v in args.seeds.split(",")),
         epochs=args.epochs,
+        validation_repeats=args.validation_repeats,
         workers=args.workers,
         **chosen,
     )

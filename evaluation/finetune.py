@@ -49,8 +49,9 @@ Protocol (fixed before any run):
 * Privacy: epsilon 1, 3, 8 at delta 1e-5; every method is calibrated with
   ``make_private_with_epsilon`` (Poisson sampling, per-sample clipping at ``max_grad_norm``).
   Only the private fine-tuning is accounted (pretraining touches public data only).
-* Tuning: the lr of each (task, method, epsilon) maximizes validation accuracy (one run, seed
-  ``validation_seed``) over the grid ``lrs``; if the best lr is an end point of the grid, the
+* Tuning: the lr of each (task, method, epsilon) maximizes validation accuracy (the mean of
+  ``validation_repeats`` runs, seeds ``validation_seed + k``; 1 in the first study) over the
+  grid ``lrs``; if the best lr is an end point of the grid, the
   grid is widened by a factor 2 past that end and the new point is run, up to
   ``max_lr_extensions`` times (the final grid is recorded per row). Then each of ``seeds``
   trains on the whole training split at that lr and is scored on the test split.
@@ -121,7 +122,9 @@ class FinetuneConfig:
         released_momentum: running-statistics momentum of ``released-stats``.
         pretrain_epochs, pretrain_lr, pretrain_batch_size: public, non-private pretraining (Adam).
         test_fraction, validation_fraction: stratified splits of the private data.
-        validation_seed: seed of the lr-selection runs.
+        validation_seed: seed of the (first) lr-selection run.
+        validation_repeats: lr-selection runs per grid point (seeds ``validation_seed + k``),
+            averaged: one run on a small validation split makes a noisy choice.
         workers: parallel training processes (one torch thread each; 1 runs in this process).
     """
 
@@ -151,6 +154,7 @@ class FinetuneConfig:
     test_fraction: float = 0.2
     validation_fraction: float = 0.2
     validation_seed: int = 1000
+    validation_repeats: int = 1
     workers: int = 2
 
 
@@ -472,8 +476,14 @@ def _run_jobs(jobs: list[tuple], cache: Path, workers: int, log: Callable[[str],
 # ----------------------------------------------------------------------------- study
 
 
-def _val_key(task: str, method: str, epsilon: float, lr: float) -> str:
-    return f"val|{task}|{method}|{epsilon}|{lr}"
+def _val_key(task: str, method: str, epsilon: float, lr: float, repeat: int = 0) -> str:
+    return f"val|{task}|{method}|{epsilon}|{lr}" + (f"|r{repeat}" if repeat else "")
+
+
+def _validation_accuracy(runs: dict, config: FinetuneConfig, cell: tuple, lr: float) -> float:
+    """Mean validation accuracy of ``lr`` over the selection repeats."""
+    keys = [_val_key(*cell, lr, k) for k in range(config.validation_repeats)]
+    return statistics.fmean(runs[key]["accuracy"] for key in keys)
 
 
 def _test_key(task: str, method: str, epsilon: float, lr: float, seed: int) -> str:
@@ -503,15 +513,17 @@ def _select_lrs(
     open_cells = list(cells)
     for _ in range(config.max_lr_extensions + 1):
         jobs = [
-            (_val_key(t, m, e, lr), t, m, e, lr, config.validation_seed, "validation", config)
+            (_val_key(t, m, e, lr, k), t, m, e, lr, config.validation_seed + k, "validation",
+             config)
             for (t, m, e) in open_cells
             for lr in grids[t, m, e]
-        ]
+            for k in range(config.validation_repeats)
+        ]  # fmt: skip
         _run_jobs(jobs, cache, config.workers, log)
         runs = _load(cache)
         still_open = []
         for cell in open_cells:
-            accs = {lr: runs[_val_key(*cell, lr)]["accuracy"] for lr in grids[cell]}
+            accs = {lr: _validation_accuracy(runs, config, cell, lr) for lr in grids[cell]}
             wider = widen_grid(grids[cell], accs)
             if wider != grids[cell]:
                 grids[cell] = wider
@@ -522,7 +534,7 @@ def _select_lrs(
     runs = _load(cache)
     best = {}
     for cell in cells:
-        accs = {lr: runs[_val_key(*cell, lr)]["accuracy"] for lr in grids[cell]}
+        accs = {lr: _validation_accuracy(runs, config, cell, lr) for lr in grids[cell]}
         best[cell] = (max(grids[cell], key=lambda lr, a=accs: a[lr]), grids[cell])
     return best
 
@@ -537,8 +549,11 @@ def _check_cache_protocol(path: Path, config: FinetuneConfig) -> None:
         return
     cached = json.loads(path.read_text())
     current = json.loads(json.dumps(asdict(config)))
+    defaults = json.loads(json.dumps(asdict(FinetuneConfig())))  # fields added since
     differing = sorted(
-        k for k in current if k not in _SELECTION_FIELDS and cached.get(k) != current[k]
+        k
+        for k in current
+        if k not in _SELECTION_FIELDS and cached.get(k, defaults[k]) != current[k]
     )
     if differing:
         raise ValueError(
@@ -597,7 +612,8 @@ def summarize(config: FinetuneConfig, runs: dict[str, dict], best: dict) -> dict
     for (task, method, epsilon), (lr, grid) in best.items():
         finals = [runs[_test_key(task, method, epsilon, lr, s)] for s in config.seeds]
         accs = [r["accuracy"] for r in finals]
-        validation = {str(x): runs[_val_key(task, method, epsilon, x)]["accuracy"] for x in grid}
+        cell = (task, method, epsilon)
+        validation = {str(x): _validation_accuracy(runs, config, cell, x) for x in grid}
         row = {
             "task": task, "method": method, "epsilon": epsilon, "lr": lr, "lr_grid": list(grid),
             "safenorm": METHODS[method].safenorm, "accuracies": accs, **_interval(accs),

@@ -209,7 +209,7 @@ def test_tiny_study_writes_runs_table_and_paired_differences(tmp_path):
     config = FinetuneConfig(
         tasks=("rotated",), methods=("opacus-fix", "linear-probe", "frozen-stats"),
         epsilons=(8.0,), seeds=(0, 1), lrs=(0.5, 1.0), max_lr_extensions=1, epochs=1,
-        pretrain_epochs=2, workers=1,
+        pretrain_epochs=2, validation_repeats=2, workers=1,
     )  # fmt: skip
     summary = run_finetune_study(config, tmp_path, log=lambda _: None)
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
@@ -223,6 +223,17 @@ def test_tiny_study_writes_runs_table_and_paired_differences(tmp_path):
         assert len(row["lr_grid"]) in (2, 3)
         if len(row["lr_grid"]) == 2:
             assert row["lr"] not in (min(row["lr_grid"]), max(row["lr_grid"]))
+    # Validation accuracy is the mean over the two selection seeds (1000, 1001).
+    val = {}
+    for r in runs:
+        if r["split"] == "validation":
+            val.setdefault((r["method"], r["lr"]), []).append((r["seed"], r["accuracy"]))
+    for row in summary["rows"]:
+        pairs = sorted(val[row["method"], row["lr"]])
+        assert [s for s, _ in pairs] == [1000, 1001]
+        assert row["validation"][str(row["lr"])] == pytest.approx(
+            statistics.fmean(a for _, a in pairs)
+        )
     # Recompute the paired difference from the raw runs.
     (comparison,) = summary["comparisons"]
     tests = {(r["method"], r["seed"]): r["accuracy"] for r in runs if r["split"] == "test"}
