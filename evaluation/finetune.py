@@ -86,7 +86,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safenorm.evaluation.models import digits_dp_cnn
-from safenorm.evaluation.utility import _load, _t_interval
+from safenorm.evaluation.utility import _load, _t_interval, eval_accuracy, train_dp_epochs
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -420,18 +420,9 @@ def train_and_score(
             target_delta=config.delta, epochs=config.epochs, max_grad_norm=config.max_grad_norm,
             **extra,
         )  # fmt: skip
-        for _ in range(config.epochs):
-            dp_model.train()
-            for xb, yb in dp_loader:
-                dp_optimizer.zero_grad(set_to_none=True)
-                out = dp_model(xb)
-                loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
-                loss.backward()
-                dp_optimizer.step()
+        train_dp_epochs(dp_model, dp_optimizer, dp_loader, config.epochs)
         spent = engine.get_epsilon(config.delta)
-    dp_model.eval()
-    with torch.no_grad():
-        accuracy = float((dp_model(evaluate[0]).argmax(1) == evaluate[1]).float().mean())
+    accuracy = eval_accuracy(dp_model, *evaluate)
     return {
         "accuracy": accuracy,
         "epsilon_spent": float(spent),

@@ -167,19 +167,28 @@ def train_and_score(
                 epochs=config.epochs,
                 **extra,
             )
-        for _ in range(config.epochs):
-            dp_model.train()
-            for xb, yb in dp_loader:
-                dp_optimizer.zero_grad(set_to_none=True)
-                out = dp_model(xb)
-                loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
-                loss.backward()
-                dp_optimizer.step()
+        train_dp_epochs(dp_model, dp_optimizer, dp_loader, config.epochs)
         spent = math.nan if method == "dp-exact-stats" else engine.get_epsilon(config.delta)
-    dp_model.eval()
+    return {"accuracy": eval_accuracy(dp_model, *evaluate), "epsilon_spent": float(spent)}
+
+
+def train_dp_epochs(model: nn.Module, optimizer: Any, loader: DataLoader, epochs: int) -> None:
+    """``epochs`` passes of DP-SGD over the DP data loader (an empty Poisson batch still steps)."""
+    for _ in range(epochs):
+        model.train()
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
+            loss.backward()
+            optimizer.step()
+
+
+def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Eval-mode accuracy of ``model`` on ``(x, y)``."""
+    model.eval()
     with torch.no_grad():
-        accuracy = float((dp_model(evaluate[0]).argmax(1) == evaluate[1]).float().mean())
-    return {"accuracy": accuracy, "epsilon_spent": float(spent)}
+        return float((model(x).argmax(1) == y).float().mean())
 
 
 #: Statistics noise of the (non-private) ``dp-exact-stats`` diagnostic: negligible.
