@@ -160,7 +160,9 @@ class BufferWriteGuard:
             for key, buffer in layer._buffers.items()
         }
 
-    def _written(self, layer: nn.Module, key: str, buffer: Tensor | None) -> bool:
+    def _change(self, layer: nn.Module, key: str, buffer: Tensor | None) -> bool | Tensor:
+        """Whether the buffer was written: a host bool when its presence or shape tells, else a
+        0-d bool tensor on the buffer's device (read for all buffers at once, one sync)."""
         marker = (id(layer), key)
         if marker not in self._snapshots:
             return True  # registered after make_private
@@ -169,16 +171,24 @@ class BufferWriteGuard:
             return (buffer is None) != (snapshot is None)
         if buffer.shape != snapshot.shape:
             return True
-        return not torch.equal(buffer.detach(), snapshot.to(buffer.device, buffer.dtype))
+        return (buffer.detach() != snapshot.to(buffer.device, buffer.dtype)).any()
 
     def check(self) -> None:
         """Raise :class:`CouplingLayerError` naming every buffer that was written."""
-        written = []
+        written: list[str] = []
+        by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
         for layer in self._layers:
+            name = self._names.get(id(layer), "")
             for key, buffer in layer._buffers.items():
-                if self._written(layer, key, buffer):
-                    name = self._names.get(id(layer), "")
-                    written.append(f"{name}.{key}" if name else key)
+                label = f"{name}.{key}" if name else key
+                change = self._change(layer, key, buffer)
+                if isinstance(change, Tensor):
+                    by_device.setdefault(change.device, []).append((label, change))
+                elif change:
+                    written.append(label)
+        for flags in by_device.values():
+            changed = torch.stack([flag for _, flag in flags]).cpu().tolist()
+            written += [label for (label, _), hit in zip(flags, changed, strict=True) if hit]
         if written:
             raise CouplingLayerError(
                 "these buffers were written during DP training: "
