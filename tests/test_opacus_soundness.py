@@ -342,3 +342,19 @@ def test_a_pickled_private_model_carries_inert_hooks_and_no_batch():
         with torch.no_grad():
             loaded(torch.randn(4, 6))
     assert any("UNACCOUNTED" in str(w.message) for w in caught)
+
+
+def test_declaring_an_input_with_two_private_models_uses_the_one_with_an_open_batch():
+    """Before: the declaration went to every model's tracker and raised for the model whose
+    loader had no batch open."""
+    engine = PrivacyEngine(accountant="rdp")
+    _private(_model(), engine)  # no batch drawn from this one
+    gs_model, opt, dp_loader = _private(_model(), engine)
+    x, y = next(iter(dp_loader))
+    augmented = engine.declare_step_input(x + 0.01)
+    opt.zero_grad()
+    nn.functional.cross_entropy(gs_model(augmented), y).backward()
+    opt.step()
+    ledgers = engine.release_ledgers()
+    assert engine.accountant.history[-1][1] == BATCH / N_DATA
+    assert not any(ledger.unsampled for ledger in ledgers)

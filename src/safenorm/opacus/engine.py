@@ -351,8 +351,10 @@ class PrivacyEngine(opacus.PrivacyEngine):
         """
         if not self._trackers:
             raise RuntimeError("declare_step_input: no model was made private by this engine")
-        for tracker in self._trackers:
-            tracker.declare(tensor)
+        # The models whose loader has a batch open (each model made private has its own).
+        trackers = [t for t in self._trackers if t.has_open_batch] or self._trackers[:1]
+        for tracker in trackers:
+            tracker.declare(tensor)  # raises when no batch is open
         return tensor
 
     # -- internals -------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ class StepBatchTracker:
         self._used = []
         self._declared = []
 
+    @property
+    def has_open_batch(self) -> bool:
+        """Whether the loader yielded a batch that no optimizer step has consumed yet."""
+        return bool(self._open)
+
     def declare(self, tensor: Tensor) -> None:
         """Declare ``tensor`` an input computed sample by sample from an open batch: one row per
         sample of that batch, in its order (an augmented copy, not extra views or chunks)."""
