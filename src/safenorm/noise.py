@@ -33,6 +33,19 @@ def _secure_standard_normal(numel: int) -> np.ndarray:
     return sum(_os_standard_normal(numel) for _ in range(4)) / 2.0
 
 
+def _refuse_seeded(generator: torch.Generator | None) -> None:
+    if generator is not None:
+        raise ValueError(
+            "secure_mode draws noise from the OS CSPRNG and cannot use a seeded generator; "
+            "pass generator=None or secure_mode=False"
+        )
+
+
+def _draw_device(generator: torch.Generator | None, device: torch.device | str | None):
+    """Where a draw happens: the generator's device, else the requested one, else CPU."""
+    return generator.device if generator is not None else (device or "cpu")
+
+
 def gaussian_noise(
     shape: tuple[int, ...],
     *,
@@ -50,15 +63,11 @@ def gaussian_noise(
         secure_mode: draw from the OS CSPRNG instead of a (seedable) torch generator.
     """
     if secure_mode:
-        if generator is not None:
-            raise ValueError(
-                "secure_mode draws noise from the OS CSPRNG and cannot use a seeded generator; "
-                "pass generator=None or secure_mode=False"
-            )
+        _refuse_seeded(generator)
         numel = math.prod(shape)
         values = torch.from_numpy(_secure_standard_normal(numel)).reshape(shape)
         return values.to(device=device or "cpu", dtype=torch.float32)
-    draw_device = generator.device if generator is not None else (device or "cpu")
+    draw_device = _draw_device(generator, device)
     noise = torch.randn(shape, generator=generator, device=draw_device, dtype=torch.float32)
     return noise.to(device) if device is not None else noise
 
@@ -94,13 +103,9 @@ def uniform_integers(
     if high < 1:
         raise ValueError(f"uniform_integers needs high >= 1, got {high}")
     if secure_mode:
-        if generator is not None:
-            raise ValueError(
-                "secure_mode draws from the OS CSPRNG and cannot use a seeded generator; pass "
-                "generator=None or secure_mode=False"
-            )
+        _refuse_seeded(generator)
         values = torch.from_numpy(_os_uniform_integers(high, numel))
         return values.to(device=device or "cpu")
-    draw_device = generator.device if generator is not None else (device or "cpu")
+    draw_device = _draw_device(generator, device)
     draw = torch.randint(high, (numel,), generator=generator, device=draw_device)
     return draw.to(device) if device is not None else draw

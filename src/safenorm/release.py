@@ -131,6 +131,11 @@ class _StopForwardError(Exception):
     pass
 
 
+def _model_input(batch: object) -> object:
+    """The model's input in a loader batch: ``x`` or the first entry of ``(x, ...)``."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
 def _layer_inputs(model: nn.Module, layer: nn.Module, data_loader: DataLoader):
     """Yield the inputs of ``layer`` for every batch (the model runs in eval mode)."""
     captured: list[Tensor] = []
@@ -142,9 +147,8 @@ def _layer_inputs(model: nn.Module, layer: nn.Module, data_loader: DataLoader):
     handle = layer.register_forward_pre_hook(hook)
     try:
         for batch in data_loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
             with contextlib.suppress(_StopForwardError):
-                model(x)
+                model(_model_input(batch))
             yield captured.pop()
     finally:
         handle.remove()
@@ -172,7 +176,7 @@ def _execution_order(model: nn.Module, data_loader: DataLoader) -> dict[nn.Modul
     handles = [m.register_forward_pre_hook(record) for m in model.modules()]
     try:
         batch = next(iter(data_loader))
-        model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        model(_model_input(batch))
     finally:
         for handle in handles:
             handle.remove()
