@@ -50,11 +50,13 @@ __all__ = [
     "dp_statistics",
     "dp_statistics_from_moments",
     "frozen_normalize",
+    "log_ratio_contributions",
     "ghost_batch_norm",
     "normalize",
     "per_sample_moments",
     "pooled_running_update",
     "private_statistics",
+    "project_gradient_per_sample",
     "random_groups",
     "statistics_to_normalize_with",
     "weight_floor",
@@ -307,6 +309,7 @@ def private_statistics(
     secure_mode: bool = False,
     all_reduce: AllReduce | None = None,
     add_noise: bool = True,
+    var_release: str = "linear",
 ) -> PrivateStatistics:
     """Clipped (and optionally noised) mean and variance of each group.
 
@@ -318,6 +321,20 @@ def private_statistics(
         var   = max(scale^2 * S_var / D, var_floor * scale^2)
 
     with ``D`` the group's denominator. Noise is added when ``noise_multiplier > 0``.
+
+    ``var_release="log"`` releases the log of each sample's second-moment ratio instead, each
+    channel's term clamped to ``+-R2 / sqrt(C)`` (so each row's L2 norm, the sensitivity, is
+    still at most ``R2``; :func:`log_ratio_contributions`), with ``tau = sigma R2 / D``::
+
+        S_log = sum_i clamp(log(v_i(mu) / scale^2), R2 / sqrt(C)) [+ N(0, sigma^2 R2^2 I)]
+        var   = max(scale^2 * exp(S_log / D - tau^2 / 2), var_floor * scale^2)
+
+    A ratio far above 1 then raises the variance by a factor of up to ``exp(R2 / sqrt(C))`` per
+    release, as one far below 1 lowers it, whereas the linear release is bounded by about
+    ``R2 / sqrt(C)`` times the reference's variance and cannot follow activations that grow.
+    ``exp(-tau^2 / 2)`` (public: ``sigma``, ``R2``, ``D``) makes the noise factor mean-one.
+    It estimates the *geometric* mean of the per-sample second moments, at most their
+    arithmetic mean (BN's variance): the gap grows with their spread across samples.
 
     Args:
         m, w: ``(N, C)`` per-sample moments from :func:`per_sample_moments`.
@@ -332,13 +349,15 @@ def private_statistics(
             reduced before they are used, so every process gets the global statistics.
         add_noise: whether this process adds the noise; with ``all_reduce`` exactly one process
             must, so the global sum carries the noise once.
+        var_release: ``"linear"`` or ``"log"`` (above).
     """
+    check_var_release(var_release)
     reference = reference or ClipReference()
     center, scale = reference.center_like(m), reference.scale_like(m)
     size = groups.size.to(m.dtype).unsqueeze(1)
 
-    def noised_sum(contributions: Tensor, bound: float) -> Tensor:
-        total = groups.sum(clip_rows(contributions, bound))
+    def noised_sum(contributions: Tensor, bound: float, bounded: Callable = clip_rows) -> Tensor:
+        total = groups.sum(bounded(contributions, bound))
         if noise_multiplier > 0 and add_noise:
             noise = gaussian_noise(
                 tuple(total.shape),
@@ -352,9 +371,35 @@ def private_statistics(
     mean = center + scale * noised_sum((m - center) / scale, clip_norm) / size
     scale_sq = scale * scale
     centred = (w + (m - groups.per_sample(mean)) ** 2) / scale_sq
-    var = scale_sq * noised_sum(centred, var_clip_norm) / size
+    if var_release == "log":
+        log_ratio = noised_sum(centred, var_clip_norm, log_ratio_contributions) / size
+        tau = noise_multiplier * var_clip_norm / size if noise_multiplier > 0 else 0.0
+        var = scale_sq * torch.exp(log_ratio - 0.5 * tau * tau)
+    else:
+        var = scale_sq * noised_sum(centred, var_clip_norm) / size
     var = torch.maximum(var, var_floor * scale_sq)
     return PrivateStatistics(mean=mean, var=var, groups=groups)
+
+
+#: How a DP layer releases its variance (:func:`private_statistics`).
+VAR_RELEASES = ("linear", "log")
+
+
+def check_var_release(var_release: str) -> None:
+    if var_release not in VAR_RELEASES:
+        raise ValueError(f"var_release must be one of {VAR_RELEASES}, got {var_release!r}")
+
+
+def log_ratio_contributions(ratio: Tensor, bound: float) -> Tensor:
+    """``clamp(log(ratio), +-bound / sqrt(C))`` per entry of ``(N, C)`` second-moment ratios.
+
+    Each row's L2 norm is at most ``bound`` whatever the input: a ratio of 0 (or below the
+    dtype's smallest normal) or of ``inf`` clamps to an end, and a NaN entry contributes 0.
+    """
+    per_channel = bound / math.sqrt(ratio.shape[1])
+    tiny = torch.finfo(ratio.dtype).tiny
+    logs = torch.log(ratio.clamp_min(tiny)).clamp(-per_channel, per_channel)
+    return torch.nan_to_num(logs, nan=0.0)
 
 
 def weight_floor(bound: float, channels: int) -> float:
@@ -550,6 +595,59 @@ class _ScaleShift(torch.autograd.Function):
             if scale.dim() == 1:
                 dscale, dshift = dscale.sum(0), dshift.sum(0)
         return dx, dscale, dshift
+
+
+class _ProjectPerSample(torch.autograd.Function):
+    """Identity forward; the backward removes, per sample and channel, the gradient's components
+    along ``1`` and the sample's own centred values (see :func:`project_gradient_per_sample`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        centred = x.to(acc) - x.to(acc).mean(dims, keepdim=True)
+        # Scaled into [-1, 1] first: the squared norm of huge finite values would overflow.
+        peak = centred.abs().amax(dims, keepdim=True)
+        unit = centred / torch.where(peak > 0, peak, torch.ones_like(peak))
+        norm_sq = (unit * unit).sum(dims, keepdim=True)
+        g = grad.to(acc)
+        g = g - g.mean(dims, keepdim=True)
+        coefficient = (g * unit).sum(dims, keepdim=True) / torch.where(
+            norm_sq > 0, norm_sq, torch.ones_like(norm_sq)
+        )
+        return (g - coefficient * unit).to(grad.dtype)
+
+
+def project_gradient_per_sample(x: Tensor) -> Tensor:
+    """``x`` unchanged, with a per-sample projection of the gradient that flows back into it.
+
+    For each sample ``i`` and channel ``c`` the gradient over the spatial positions is projected
+    onto the orthogonal complement of ``span{1, x_ic - mean_s x_ic}``: the direction of
+    InstanceNorm's backward (up to its per-sample scale), which makes the update blind to shifts
+    and rescalings of the sample's own activations, as BatchNorm's backward is to those of the
+    batch. It uses sample ``i`` alone, so per-sample gradients stay exact and DP-SGD's clipping
+    bound holds; the result is a surrogate direction, not the gradient of the forward.
+
+    Args:
+        x: ``(N, C, *S)`` with ``prod(S) >= 2`` (on ``(N, C)`` input nothing would be left).
+
+    Returns:
+        ``x`` (a view), whose backward is projected.
+    """
+    if spatial_size(x) < 2:
+        raise ValueError(
+            "project_gradient_per_sample needs input with spatial dimensions (N, C, *S), "
+            f"prod(S) >= 2, got shape {tuple(x.shape)}: on one value per sample and channel the "
+            "projection removes the whole gradient"
+        )
+    return _ProjectPerSample.apply(x)
 
 
 def frozen_normalize(
@@ -754,6 +852,7 @@ def dp_statistics(
     secure_mode: bool = False,
     all_reduce: AllReduce | None = None,
     add_noise: bool = True,
+    var_release: str = "linear",
 ) -> PrivateStatistics:
     """The DP release: noised clipped statistics of ``input``, detached.
 
@@ -764,8 +863,8 @@ def dp_statistics(
 
     Args:
         input: ``(N, C, *S)``; ``N = 0`` is allowed (a noise-only release).
-        clip_norm, var_clip_norm, noise_multiplier, reference, var_floor, generator, secure_mode:
-            see :func:`private_statistics`.
+        clip_norm, var_clip_norm, noise_multiplier, reference, var_floor, generator, secure_mode,
+            var_release: see :func:`private_statistics`.
         denominator: the public batch size ``D`` (the expected batch size under Poisson
             sampling); each of ``G`` ghost groups gets ``D / G``.
         ghost_batch_size: target group size; ``G = max(1, round(D / ghost_batch_size))``.
@@ -788,6 +887,7 @@ def dp_statistics(
         secure_mode=secure_mode,
         all_reduce=all_reduce,
         add_noise=add_noise,
+        var_release=var_release,
     )
 
 
@@ -827,6 +927,7 @@ def dp_statistics_from_moments(
     secure_mode: bool = False,
     all_reduce: AllReduce | None = None,
     add_noise: bool = True,
+    var_release: str = "linear",
 ) -> PrivateStatistics:
     """:func:`dp_statistics` from precomputed ``(N, C)`` per-sample moments (e.g. a kernel's).
 
@@ -849,6 +950,7 @@ def dp_statistics_from_moments(
             secure_mode=secure_mode,
             all_reduce=all_reduce,
             add_noise=add_noise,
+            var_release=var_release,
         )
 
 
@@ -889,14 +991,17 @@ def dp_release(
     all_reduce: AllReduce | None = None,
     add_noise: bool = True,
     moments: tuple[Tensor, Tensor] | None = None,
+    var_release: str = "linear",
 ) -> tuple[Tensor, Tensor]:
     """Release DP statistics of ``input``, update the running buffers from them, and return the
     (detached) statistics to normalize with.
 
     Args:
         input, clip_norm, var_clip_norm, noise_multiplier, denominator, ghost_batch_size,
-            reference, var_floor, generator, secure_mode, all_reduce, add_noise: see
-            :func:`dp_statistics`.
+            reference, var_floor, generator, secure_mode, all_reduce, add_noise, var_release:
+            see :func:`dp_statistics`; ``var_release="log"`` needs spatial dimensions (with one
+            value per sample and channel, each second moment is one squared deviation, whose
+            geometric mean is far below the variance).
         moments: ``input``'s per-sample moments ``(m, w)`` if already computed (e.g. by a
             kernel); else :func:`per_sample_moments`.
         running_mean, running_var: ``(C,)`` buffers updated in place from the released values
@@ -909,7 +1014,15 @@ def dp_release(
         ``(mean, var)``: ``(C,)`` per-channel, or ``(N, C)`` per-sample with ghost groups under
         ``normalize_with="batch"``; biased variance, detached.
     """
-    if moments is None and all_reduce is None and _ops.routes(input):  # kernels / custom ops
+    check_var_release(var_release)
+    if var_release == "log" and spatial_size(input) < 2:
+        raise ValueError(
+            "var_release='log' needs input with spatial dimensions (N, C, *S), prod(S) >= 2, got "
+            f"shape {tuple(input.shape)}; use var_release='linear'"
+        )
+    # The kernels fuse the linear release; the log release runs on these reference primitives.
+    fused = var_release == "linear" and moments is None and all_reduce is None
+    if fused and _ops.routes(input):  # kernels / custom ops
         stage2 = _ops.Stage2(
             ghost_batch_size=ghost_batch_size,
             clip_norm=clip_norm,
@@ -945,6 +1058,7 @@ def dp_release(
         secure_mode=secure_mode,
         all_reduce=all_reduce,
         add_noise=add_noise,
+        var_release=var_release,
     )
     return _update_and_choose(
         stats, running_mean, running_var, momentum, denominator, spatial_size(input), normalize_with
@@ -992,6 +1106,8 @@ def dp_batch_norm(
     secure_mode: bool = False,
     all_reduce: AllReduce | None = None,
     add_noise: bool = True,
+    var_release: str = "linear",
+    project_gradient: bool = False,
 ) -> Tensor:
     """Batch normalization with differentially private (noised, clipped) statistics.
 
@@ -1004,8 +1120,11 @@ def dp_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps: as in
             :func:`ghost_batch_norm`.
         clip_norm, var_clip_norm, noise_multiplier, denominator, ghost_batch_size, reference,
-            var_floor, generator, secure_mode, all_reduce, add_noise: see :func:`dp_statistics`.
+            var_floor, generator, secure_mode, all_reduce, add_noise, var_release: see
+            :func:`dp_statistics`.
         normalize_with: ``"batch"`` or ``"running"``.
+        project_gradient: in training, pass the input through
+            :func:`project_gradient_per_sample` (a different backward, the same forward).
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
@@ -1026,5 +1145,8 @@ def dp_batch_norm(
         secure_mode=secure_mode,
         all_reduce=all_reduce,
         add_noise=add_noise,
+        var_release=var_release,
     )
+    if project_gradient:
+        input = project_gradient_per_sample(input)
     return frozen_normalize(input, mean, var, weight, bias, eps)

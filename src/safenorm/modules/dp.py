@@ -120,6 +120,16 @@ class DPBatchNorm(SafeBatchNormBase):
         process_group: sync the clipped sums over this ``torch.distributed`` group, noise added
             once (by the group's rank 0); ``expected_batch_size`` is then the global batch size.
             Default: ``None``
+        var_release: ``"linear"`` (above) or ``"log"``: release the mean of each sample's
+            clamped log second-moment ratio, so the variance can grow (or shrink) by up to
+            ``exp(R2 / sqrt(C))`` per release and follows activations that grow; the same
+            Gaussian mechanism with sensitivity ``R2`` (see
+            :func:`safenorm.functional.private_statistics`). Needs spatial dimensions.
+            Default: ``"linear"``
+        project_gradient: in training, project each sample's input gradient (per channel)
+            off ``span{1, x_i - mean(x_i)}``, InstanceNorm's backward direction
+            (:func:`safenorm.functional.project_gradient_per_sample`); the forward is unchanged
+            and per-sample gradients stay exact. Needs spatial dimensions. Default: ``False``
 """
         + SHAPE_DOC
     )
@@ -136,6 +146,8 @@ class DPBatchNorm(SafeBatchNormBase):
         "var_floor",
         "secure_mode",
         "frozen_statistics",
+        "var_release",
+        "project_gradient",
     )
 
     def __init__(
@@ -161,6 +173,8 @@ class DPBatchNorm(SafeBatchNormBase):
         secure_mode: bool = False,
         frozen_statistics: bool = False,
         process_group: Any = None,
+        var_release: Literal["linear", "log"] = "linear",
+        project_gradient: bool = False,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -190,7 +204,12 @@ class DPBatchNorm(SafeBatchNormBase):
         self.clip_reference = clip_reference
         self.normalize_with = normalize_with
         self.var_floor = float(var_floor)
-        _warn_if_variance_cannot_grow(name, clip_reference, self.var_clip_norm, num_features)
+        if var_release not in SF.VAR_RELEASES:
+            raise ValueError(f"{name}: var_release must be one of {SF.VAR_RELEASES}")
+        self.var_release = var_release
+        self.project_gradient = bool(project_gradient)
+        if var_release == "linear":  # the log release grows by exp(R2 / sqrt(C)) per release
+            _warn_if_variance_cannot_grow(name, clip_reference, self.var_clip_norm, num_features)
         self.generator = generator
         self.secure_mode = secure_mode
         if frozen_statistics and not track_running_stats:
@@ -261,6 +280,26 @@ class DPBatchNorm(SafeBatchNormBase):
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and SF.spatial_size(input) < 2:
+            self._refuse_options_needing_space(input)
+        if self.project_gradient and self.training:
+            input = SF.project_gradient_per_sample(input)
+        return super().forward(input)
+
+    def _refuse_options_needing_space(self, input: Tensor) -> None:
+        for option, active in (
+            ("var_release='log'", self.var_release == "log"),
+            ("project_gradient=True", self.project_gradient),
+        ):
+            if active:
+                raise ValueError(
+                    f"{self._describe()}: {option} needs input with spatial dimensions "
+                    f"(N, C, *S), prod(S) >= 2, got shape {tuple(input.shape)}; on one value per "
+                    "sample and channel use the defaults (var_release='linear', "
+                    "project_gradient=False)"
+                )
+
     def _denominator(self, input: Tensor, all_reduce: SF.AllReduce | None) -> float:
         if self.expected_batch_size is not None:
             return float(self.expected_batch_size)
@@ -315,6 +354,7 @@ class DPBatchNorm(SafeBatchNormBase):
             secure_mode=self.secure_mode,
             all_reduce=all_reduce,
             add_noise=add_noise,
+            var_release=self.var_release,
         )
         self._record_release()
         self.last_statistics = (mean, var)
