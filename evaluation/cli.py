@@ -103,16 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     util = sub.add_parser(
         "utility",
-        help="privacy-utility study: DP-SGD accuracy at several epsilons (DPBatchNorm vs "
-        "GroupNorm vs none)",
+        help="privacy-utility study from scratch: DP-SGD accuracy at several epsilons, "
+        "safenorm's DP BatchNorm recipes vs GroupNorm, InstanceNorm (Opacus' fix), LayerNorm, "
+        "none and GroupNorm + weight standardization",
     )
     util.add_argument("--out", type=Path, default=Path("safenorm-utility-out"))
+    util.add_argument("--methods", help="comma-separated methods (default: all)")
     util.add_argument("--epsilons", default="1,3,8", help="comma-separated target epsilons")
-    util.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    util.add_argument("--lrs", default="0.1,0.25,0.5,1.0", help="learning-rate grid")
+    util.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
+    util.add_argument("--lrs", default="0.125,0.25,0.5,1,2", help="initial learning-rate grid")
     util.add_argument("--epochs", type=int, default=15)
-    util.add_argument("--methods", default="dp,dp-groupnorm,dp-none")
     util.add_argument("--statistics-share", type=float, default=0.1)
+    util.add_argument("--validation-repeats", type=int, default=3, help="runs per lr, averaged")
     util.add_argument("--workers", type=int, default=2)
 
     tune = sub.add_parser(
@@ -138,14 +140,16 @@ def _floats(text: str) -> tuple[float, ...]:
 def _cmd_utility(args: argparse.Namespace) -> int:
     from safenorm.evaluation.utility import UtilityConfig, run_utility_study
 
+    chosen = {"methods": tuple(args.methods.split(","))} if args.methods else {}
     config = UtilityConfig(
-        methods=tuple(args.methods.split(",")),
         epsilons=_floats(args.epsilons),
         seeds=tuple(int(v) for v in args.seeds.split(",")),
         lrs=_floats(args.lrs),
         epochs=args.epochs,
         statistics_share=args.statistics_share,
+        validation_repeats=args.validation_repeats,
         workers=args.workers,
+        **chosen,
     )
     run_utility_study(config, args.out)
     print((args.out / "utility.md").read_text())

@@ -49,35 +49,18 @@ Protocol (fixed before any run):
 * Privacy: epsilon 1, 3, 8 at delta 1e-5; every method is calibrated with
   ``make_private_with_epsilon`` (Poisson sampling, per-sample clipping at ``max_grad_norm``).
   Only the private fine-tuning is accounted (pretraining touches public data only).
-* Tuning: the lr of each (task, method, epsilon) maximizes validation accuracy (the mean of
-  ``validation_repeats`` runs, seeds ``validation_seed + k``; 1 in the first study) over the
-  grid ``lrs``; if the best lr is an end point of the grid, the
-  grid is widened by a factor 2 past that end and the new point is run, up to
-  ``max_lr_extensions`` times (the final grid is recorded per row). Then each of ``seeds``
-  trains on the whole training split at that lr and is scored on the test split.
-* Report: mean test accuracy with the 95% Student-t interval over seeds; per (task, epsilon) the
-  *best anchor* is the anchor with the highest mean test accuracy (a choice that favours the
-  anchors), and each safenorm method gets its paired difference to it (same seeds, so the same
-  pretrained network and head initialization), mean and 95% t-interval.
-* Decision rule, per (task, epsilon): a safenorm method **wins** if the interval of its paired
-  difference lies above 0, **loses** if it lies below 0, and **ties** otherwise. The goal "a
-  safenorm method at or above the best anchor" is met at an epsilon if the safenorm method with
-  the highest *validation* accuracy (chosen without the test split) wins or ties with a
-  non-negative mean difference; it is missed otherwise.
+* Tuning (lr per cell on the validation split, the grid widened past a winning end point),
+  report (paired differences to the best anchor), decision rule and the goal's verdict: the
+  shared protocol of :mod:`safenorm.evaluation.dpstudy` (goal margin 0: at or above the best
+  anchor; ``validation_repeats`` was 1 in the first study).
 
-Runs are cached one JSON line per run in ``runs.jsonl`` (fields ``method``, ``epsilon``, ``seed``,
-``split``, ``accuracy``, ``lr``, ``safenorm``, plus ``task`` and ``epsilon_spent``), so an
-interrupted study resumes.
+Runs are cached one JSON line per run in ``runs.jsonl`` (:mod:`~safenorm.evaluation.dpstudy`),
+so an interrupted study resumes.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-import multiprocessing
-import statistics
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,10 +68,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safenorm.evaluation.models import digits_dp_cnn
-from safenorm.evaluation.utility import _load, _t_interval, eval_accuracy, train_dp_epochs
+from safenorm.evaluation.dpstudy import Method, Study, dp_train_and_score, report, run_study
+from safenorm.evaluation.dpstudy import widen_grid as widen_grid
+from safenorm.evaluation.models import digits_dp_cnn, swap_batchnorm
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
     "METHODS",
@@ -231,12 +214,9 @@ def _splits(task: str, test_fraction: float, validation_fraction: float) -> dict
 
 def groupnorm_dp_cnn(num_classes: int = 10, channels_per_group: int = 4) -> nn.Module:
     """:func:`digits_dp_cnn` with ``GroupNorm(C / channels_per_group, C)`` for each BatchNorm."""
-    model = digits_dp_cnn(num_classes)
-    for i, layer in enumerate(model):
-        if isinstance(layer, nn.BatchNorm2d):
-            c = layer.num_features
-            model[i] = nn.GroupNorm(c // channels_per_group, c)
-    return model
+    return swap_batchnorm(
+        digits_dp_cnn(num_classes), lambda c: nn.GroupNorm(c // channels_per_group, c)
+    )
 
 
 _ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
@@ -297,14 +277,7 @@ class FrozenFeatures(nn.Module):
             return self.body.eval()(x)
 
 
-@dataclass(frozen=True)
-class FinetuneMethod:
-    """One method: how its model and privacy engine are built, and whether it is safenorm's."""
-
-    build: Callable[[int, FinetuneConfig], nn.Module]
-    safenorm: bool
-    engine: str  # "opacus" or "safenorm"
-    anchor: bool = False  # compared against (the goal's "best anchor" is the best of these)
+FinetuneMethod = Method  # one method of the study (:class:`dpstudy.Method`)
 
 
 def _opacus_fix(seed: int, config: FinetuneConfig) -> nn.Module:
@@ -369,18 +342,11 @@ METHODS: dict[str, FinetuneMethod] = {
 }
 
 
-def build_method(method: str, seed: int, config: FinetuneConfig) -> tuple[nn.Module, Any]:
-    """The model (pretrained, with a new head, seeded by ``seed``) and engine of ``method``."""
-    import opacus
-
-    from safenorm.opacus import PrivacyEngine
-
+def build_method(method: str, seed: int, config: FinetuneConfig) -> nn.Module:
+    """The model of ``method`` (pretrained, with a new head, seeded by ``seed``)."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; known: {sorted(METHODS)}")
-    spec = METHODS[method]
-    model = spec.build(seed, config)
-    engine = PrivacyEngine(accountant="rdp") if spec.engine == "safenorm" else None
-    return model, engine or opacus.PrivacyEngine(accountant="rdp")
+    return METHODS[method].build(seed, config)
 
 
 # ----------------------------------------------------------------------------- training
@@ -394,42 +360,20 @@ def train_and_score(
     seed: int,
     split: str,
     config: FinetuneConfig,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Fine-tune ``method`` with DP-SGD at ``(epsilon, delta)``; score on validation or test.
 
     ``split="validation"`` trains on ``fit`` and scores ``validation``; ``"test"`` trains on
-    ``train`` and scores ``test``.
+    ``train`` and scores ``test``. After pretraining, ``torch.manual_seed(seed)``: the same
+    noise stream for every method (:func:`~safenorm.evaluation.dpstudy.dp_train_and_score`).
     """
     data = _splits(task, config.test_fraction, config.validation_fraction)
     train, evaluate = (
         (data["fit"], data["validation"]) if split == "validation" else
         (data["train"], data["test"])
     )  # fmt: skip
-    with warnings.catch_warnings():
-        # the study seeds its noise on purpose, and the first layer's input needs no gradient
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook")
-        model, engine = build_method(method, seed, config)
-        torch.manual_seed(seed)  # after pretraining: the same noise stream for every method
-        loader = DataLoader(TensorDataset(*train), batch_size=config.batch_size, shuffle=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=lr)
-        extra = {"statistics_share": config.statistics_share} if METHODS[method].safenorm else {}
-        dp_model, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=epsilon,
-            target_delta=config.delta, epochs=config.epochs, max_grad_norm=config.max_grad_norm,
-            **extra,
-        )  # fmt: skip
-        train_dp_epochs(dp_model, dp_optimizer, dp_loader, config.epochs)
-        spent = engine.get_epsilon(config.delta)
-    accuracy = eval_accuracy(dp_model, *evaluate)
-    return {
-        "accuracy": accuracy,
-        "epsilon_spent": float(spent),
-        "noise_multiplier": float(dp_optimizer.noise_multiplier),
-        "steps": len(dp_loader) * config.epochs,
-        "sample_rate": 1 / len(loader),
-    }
+    model = build_method(method, seed, config)
+    return dp_train_and_score(model, METHODS[method], train, evaluate, epsilon, lr, seed, config)
 
 
 def _job(args: tuple) -> dict[str, Any]:
@@ -441,116 +385,34 @@ def _job(args: tuple) -> dict[str, Any]:
             **result}  # fmt: skip
 
 
-def _run_jobs(jobs: list[tuple], cache: Path, workers: int, log: Callable[[str], None]) -> None:
-    done = _load(cache)
-    todo = [job for job in jobs if job[0] not in done]
-    if not todo:
-        return
-
-    def record(i: int, r: dict[str, Any], handle: Any) -> None:
-        handle.write(json.dumps(r) + "\n")
-        handle.flush()
-        log(f"[{i}/{len(todo)}] {r['task']} {r['method']} eps={r['epsilon']} lr={r['lr']} "
-            f"seed={r['seed']} {r['split']}: acc={r['accuracy']:.3f}")  # fmt: skip
-
-    with cache.open("a") as handle:
-        if workers <= 1:  # in-process: no start-up cost (tests, debugging)
-            for i, job in enumerate(todo, 1):
-                record(i, _job(job), handle)
-            return
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            for i, r in enumerate(pool.imap_unordered(_job, todo), 1):
-                record(i, r, handle)
-
-
 # ----------------------------------------------------------------------------- study
 
 
-def _val_key(task: str, method: str, epsilon: float, lr: float, repeat: int = 0) -> str:
-    return f"val|{task}|{method}|{epsilon}|{lr}" + (f"|r{repeat}" if repeat else "")
-
-
-def _validation_accuracy(runs: dict, config: FinetuneConfig, cell: tuple, lr: float) -> float:
-    """Mean validation accuracy of ``lr`` over the selection repeats."""
-    keys = [_val_key(*cell, lr, k) for k in range(config.validation_repeats)]
-    return statistics.fmean(runs[key]["accuracy"] for key in keys)
-
-
-def _test_key(task: str, method: str, epsilon: float, lr: float, seed: int) -> str:
-    return f"test|{task}|{method}|{epsilon}|{lr}|{seed}"
-
-
-def widen_grid(lrs: tuple[float, ...], accuracies: dict[float, float]) -> tuple[float, ...]:
-    """``lrs`` widened by a factor 2 past the end point that wins on validation, else as is.
-
-    Ties go to the smaller lr (the first maximum in ascending order).
-    """
-    grid = tuple(sorted(lrs))
-    best = max(grid, key=lambda lr: accuracies[lr])
-    if best == grid[0]:
-        return (grid[0] / 2, *grid)
-    if best == grid[-1]:
-        return (*grid, grid[-1] * 2)
-    return grid
-
-
-def _select_lrs(
-    config: FinetuneConfig, cache: Path, log: Callable[[str], None]
-) -> dict[tuple[str, str, float], tuple[float, tuple[float, ...]]]:
-    """Best validation lr and final grid of every (task, method, epsilon)."""
-    cells = [(t, m, e) for t in config.tasks for m in config.methods for e in config.epsilons]
-    grids = {cell: tuple(sorted(config.lrs)) for cell in cells}
-    open_cells = list(cells)
-    for _ in range(config.max_lr_extensions + 1):
-        jobs = [
-            (_val_key(t, m, e, lr, k), t, m, e, lr, config.validation_seed + k, "validation",
-             config)
-            for (t, m, e) in open_cells
-            for lr in grids[t, m, e]
-            for k in range(config.validation_repeats)
-        ]  # fmt: skip
-        _run_jobs(jobs, cache, config.workers, log)
-        runs = _load(cache)
-        still_open = []
-        for cell in open_cells:
-            accs = {lr: _validation_accuracy(runs, config, cell, lr) for lr in grids[cell]}
-            wider = widen_grid(grids[cell], accs)
-            if wider != grids[cell]:
-                grids[cell] = wider
-                still_open.append(cell)
-        open_cells = still_open
-        if not open_cells:
-            break
-    runs = _load(cache)
-    best = {}
-    for cell in cells:
-        accs = {lr: _validation_accuracy(runs, config, cell, lr) for lr in grids[cell]}
-        best[cell] = (max(grids[cell], key=lambda lr, a=accs: a[lr]), grids[cell])
-    return best
-
-
-#: Fields that may change between runs sharing a cache (what is run, not how).
-_SELECTION_FIELDS = ("tasks", "methods", "epsilons", "seeds", "workers")
-
-
-def _check_cache_protocol(path: Path, config: FinetuneConfig) -> None:
-    """Refuse to mix cached runs of another protocol (epochs, lr grid, pretraining...) in."""
-    if not path.exists():
-        return
-    cached = json.loads(path.read_text())
-    current = json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(FinetuneConfig())))  # fields added since
-    differing = sorted(
-        k
-        for k in current
-        if k not in _SELECTION_FIELDS and cached.get(k, defaults[k]) != current[k]
+def _intro(config: dict[str, Any]) -> str:
+    return (
+        "Public classes 0-4 (non-private pretraining), private classes 5-9 with a new head; "
+        f"delta = {config['delta']}, {config['epochs']} DP epochs, expected batch "
+        f"{config['batch_size']}, clip {config['max_grad_norm']}, seeds {config['seeds']}; lr "
+        f"per (task, method, epsilon) from validation over {config['lrs']} (widened past an "
+        "end point when one wins). Test accuracy: mean ± 95% t-interval over seeds. "
+        "`released-stats` gives its statistics "
+        f"{config['statistics_share']:.0%} of the budget, momentum {config['released_momentum']}."
+        " (S) marks safenorm's methods."
     )
-    if differing:
-        raise ValueError(
-            f"{path.parent} holds fine-tuning runs of another protocol (differs in {differing}); "
-            "use a new output directory"
-        )
+
+
+#: The fine-tuning study for :func:`~safenorm.evaluation.dpstudy.run_study`.
+FINETUNE_STUDY = Study(
+    name="finetune",
+    label="fine-tuning",
+    methods=METHODS,
+    job=_job,
+    defaults=FinetuneConfig(),
+    selection_fields=("tasks", "methods", "epsilons", "seeds", "workers"),
+    title="DP fine-tuning of a BatchNorm-pretrained CNN on digits",
+    intro=_intro,
+    plot_title=lambda task: f"DP fine-tuning on digits 5-9: {task}",
+)
 
 
 def run_finetune_study(
@@ -561,161 +423,9 @@ def run_finetune_study(
     Returns:
         The summary written to ``finetune.json``.
     """
-    for name in config.methods:
-        if name not in METHODS:
-            raise ValueError(f"unknown fine-tuning method {name!r}; known: {sorted(METHODS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / "runs.jsonl"
-    _check_cache_protocol(out / "config.json", config)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    best = _select_lrs(config, cache, log)
-    finals = [
-        (_test_key(t, m, e, lr, s), t, m, e, lr, s, "test", config)
-        for (t, m, e), (lr, _) in best.items()
-        for s in config.seeds
-    ]
-    _run_jobs(finals, cache, config.workers, log)
-    summary = summarize(config, _load(cache), best)
-    (out / "finetune.json").write_text(json.dumps(summary, indent=2))
-    (out / "finetune.md").write_text(finetune_report(summary))
-    _plot(summary, out / "finetune.png")
-    return summary
-
-
-def _interval(values: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(values)
-    half = _t_interval(values)
-    return {"mean": mean, "ci95": half, "low": mean - half, "high": mean + half}
-
-
-def _verdict(diff: dict[str, float]) -> str:
-    if diff["low"] > 0:
-        return "win"
-    if diff["high"] < 0:
-        return "loss"
-    return "tie"
-
-
-def summarize(config: FinetuneConfig, runs: dict[str, dict], best: dict) -> dict[str, Any]:
-    """Rows per (task, method, epsilon), paired differences and goal verdicts."""
-    rows, by_cell = [], {}
-    for (task, method, epsilon), (lr, grid) in best.items():
-        finals = [runs[_test_key(task, method, epsilon, lr, s)] for s in config.seeds]
-        accs = [r["accuracy"] for r in finals]
-        cell = (task, method, epsilon)
-        validation = {str(x): _validation_accuracy(runs, config, cell, x) for x in grid}
-        row = {
-            "task": task, "method": method, "epsilon": epsilon, "lr": lr, "lr_grid": list(grid),
-            "safenorm": METHODS[method].safenorm, "accuracies": accs, **_interval(accs),
-            "validation": validation, "validation_best": validation[str(lr)],
-            "epsilon_spent": max(r["epsilon_spent"] for r in finals),
-        }  # fmt: skip
-        rows.append(row)
-        by_cell[task, method, epsilon] = row
-    comparisons = []
-    for task in config.tasks:
-        for epsilon in config.epsilons:
-            cell = [by_cell[task, m, epsilon] for m in config.methods]
-            anchors = [r for r in cell if METHODS[r["method"]].anchor]
-            ours = [r for r in cell if r["safenorm"]]
-            if not anchors or not ours:
-                continue
-            anchor = max(anchors, key=lambda r: r["mean"])
-            diffs = {}
-            for r in ours:
-                pairs = zip(r["accuracies"], anchor["accuracies"], strict=True)
-                d = _interval([a - b for a, b in pairs])
-                diffs[r["method"]] = {**d, "verdict": _verdict(d)}
-            recipe = max(ours, key=lambda r: r["validation_best"])["method"]
-            goal = diffs[recipe]["verdict"] != "loss" and diffs[recipe]["mean"] >= 0
-            comparisons.append({
-                "task": task, "epsilon": epsilon, "best_anchor": anchor["method"],
-                "differences": diffs, "recipe": recipe, "goal_met": goal,
-            })  # fmt: skip
-    return {"config": asdict(config), "rows": rows, "comparisons": comparisons}
+    return run_study(FINETUNE_STUDY, config, out, log)
 
 
 def finetune_report(summary: dict[str, Any]) -> str:
     """Markdown: accuracy table per task, paired differences to the best anchor, verdicts."""
-    config = summary["config"]
-    epsilons = config["epsilons"]
-    lines = [
-        "# DP fine-tuning of a BatchNorm-pretrained CNN on digits",
-        "",
-        f"Public classes 0-4 (non-private pretraining), private classes 5-9 with a new head; "
-        f"delta = {config['delta']}, {config['epochs']} DP epochs, expected batch "
-        f"{config['batch_size']}, clip {config['max_grad_norm']}, seeds {config['seeds']}; lr "
-        f"per (task, method, epsilon) from validation over {config['lrs']} (widened past an "
-        "end point when one wins). Test accuracy: mean ± 95% t-interval over seeds. "
-        "`released-stats` gives its statistics "
-        f"{config['statistics_share']:.0%} of the budget, momentum {config['released_momentum']}."
-        " (S) marks safenorm's methods.",
-    ]
-    by_key = {(r["task"], r["method"], r["epsilon"]): r for r in summary["rows"]}
-    for task in config["tasks"]:
-        lines += [
-            "",
-            f"## task `{task}`",
-            "",
-            "| method | " + " | ".join(f"eps = {e:g}" for e in epsilons) + " |",
-            "|---|" + "---|" * len(epsilons),
-        ]
-        for method in config["methods"]:
-            cells = []
-            for e in epsilons:
-                r = by_key[task, method, e]
-                cells.append(f"{r['mean']:.1%} ± {r['ci95']:.1%} (lr {r['lr']:g})")
-            mark = " (S)" if METHODS[method].safenorm else ""
-            lines.append(f"| {method}{mark} | " + " | ".join(cells) + " |")
-        comps = [c for c in summary["comparisons"] if c["task"] == task]
-        if not comps:
-            continue
-        lines += [
-            "",
-            "Paired difference to the best anchor (points, 95% t-interval), verdict:",
-            "",
-            "| eps | best anchor | " + " | ".join(comps[0]["differences"]) + " | recipe (val) "
-            "| goal |",
-            "|---|---|" + "---|" * (len(comps[0]["differences"]) + 2),
-        ]
-        for c in comps:
-            cells = [
-                f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
-                f"{d['verdict']}"
-                for d in c["differences"].values()
-            ]
-            lines.append(
-                f"| {c['epsilon']:g} | {c['best_anchor']} | " + " | ".join(cells) +
-                f" | {c['recipe']} | {'met' if c['goal_met'] else 'missed'} |"
-            )  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = summary["config"]["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for method in summary["config"]["methods"]:
-            rows = sorted(
-                (r for r in summary["rows"] if r["method"] == method and r["task"] == task),
-                key=lambda r: r["epsilon"],
-            )
-            ax.errorbar(
-                [r["epsilon"] for r in rows], [r["mean"] for r in rows],
-                yerr=[0 if math.isnan(r["ci95"]) else r["ci95"] for r in rows], marker="o",
-                capsize=3, linestyle="-" if METHODS[method].safenorm else "--", label=method,
-            )  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel(f"epsilon (delta = {summary['config']['delta']:g})")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"DP fine-tuning on digits 5-9: {task}")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return report(FINETUNE_STUDY, summary)

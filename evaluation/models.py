@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from safenorm.evaluation.registry import Registry
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model", "digits_dp_cnn"]
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "ResNet",
+    "SmallCNN",
+    "WSConv2d",
+    "build_model",
+    "digits_dp_cnn",
+    "swap_batchnorm",
+    "weight_standardized",
+]
 
 
 class SmallCNN(nn.Module):
@@ -58,6 +71,67 @@ def digits_dp_cnn(num_classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(32 * 2 * 2, num_classes),
     )
+
+
+def swap_batchnorm(model: nn.Module, make: Callable[[int], nn.Module]) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` of ``model`` (in place) by ``make(num_features)``."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, make(child.num_features))
+        else:
+            swap_batchnorm(child, make)
+    return model
+
+
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with scaled weight standardization (Qiao et al. 2019, scaled as in Brock et
+    al. 2021; with GroupNorm the DP recipe of De et al. 2022): each output filter is
+    standardized over its ``fan_in = in_channels * kernel`` weights to mean 0 and variance
+    ``1 / fan_in`` before the convolution (``eps`` added to the variance), so an input of unit
+    variance gives outputs of about unit variance. (GroupNorm after it is blind to the scale; a
+    layer normalizing with running statistics is not.)
+
+    Opacus looks grad samplers up by exact type, so this subclass does not get ``Conv2d``'s
+    (which would treat the standardized weights as the parameters): its per-sample gradients
+    come from Opacus' functorch fallback, through the standardization.
+    """
+
+    def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def standardized_weight(self) -> Tensor:
+        w = self.weight
+        dims = tuple(range(1, w.dim()))
+        mean = w.mean(dims, keepdim=True)
+        var = w.var(dims, unbiased=False, keepdim=True)
+        fan_in = math.prod(w.shape[1:])
+        return (w - mean) * torch.rsqrt((var + self.eps) * fan_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(
+            x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
+            self.groups,
+        )  # fmt: skip
+
+
+def weight_standardized(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Conv2d`` of ``model`` (in place) by a :class:`WSConv2d` with its
+    weights (``padding_mode="zeros"`` only)."""
+    for name, child in model.named_children():
+        if type(child) is nn.Conv2d:
+            if child.padding_mode != "zeros":
+                raise ValueError(f"weight_standardized: {name} has padding_mode != 'zeros'")
+            ws = WSConv2d(
+                child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                padding=child.padding, dilation=child.dilation, groups=child.groups,
+                bias=child.bias is not None,
+            )  # fmt: skip
+            ws.load_state_dict(child.state_dict())
+            setattr(model, name, ws)
+        else:
+            weight_standardized(child)
+    return model
 
 
 class BasicBlock(nn.Module):
