@@ -29,6 +29,7 @@ can be recomputed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -83,8 +84,9 @@ class Study:
         name: the stem of the written files (``{name}.json``, ``.md``, ``.png``).
         label: the study's name in messages.
         methods: the method registry.
-        job: ``job(args) -> record`` for ``args = (key, task, method, epsilon, lr, seed, split,
-            config)``; a module-level function (the worker processes import it).
+        train: ``train(method, task, epsilon, lr, seed, split, config) -> result`` (one run,
+            :func:`dp_train_and_score`'s record); a module-level function (the worker processes
+            import it).
         defaults: the default config (fields added since a cache was written compare to it).
         selection_fields: config fields that may change between runs sharing a cache.
         title: the report's heading; ``intro(config)`` its protocol paragraph;
@@ -96,7 +98,7 @@ class Study:
     name: str
     label: str
     methods: dict[str, Method]
-    job: Callable[[tuple], dict[str, Any]]
+    train: Callable[..., dict[str, Any]]
     defaults: Any
     selection_fields: tuple[str, ...]
     title: str
@@ -216,6 +218,7 @@ def dp_train_and_score(
         diagnostic.remove()
         spent = engine.get_epsilon(config.delta)
     record = {
+        "safenorm": method.safenorm,
         "accuracy": eval_accuracy(dp_model, *evaluate),
         "epsilon_spent": float(spent),
         "noise_multiplier": float(dp_optimizer.noise_multiplier),
@@ -237,14 +240,24 @@ def load_runs(cache: Path) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in map(json.loads, cache.read_text().splitlines()) if r}
 
 
+def _job(train: Callable[..., dict[str, Any]], args: tuple) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    key, task, method, epsilon, lr, seed, split, config = args
+    result = train(method, task, epsilon, lr, seed, split, config)
+    return {"key": key, "task": task, "method": method, "epsilon": epsilon, "lr": lr,
+            "seed": seed, "split": split, **result}  # fmt: skip
+
+
 def run_jobs(
     jobs: list[tuple], cache: Path, study: Study, workers: int, log: Callable[[str], None]
 ) -> None:
-    """Run the jobs not yet in ``cache`` (``workers`` spawned processes, or in this one)."""
+    """Run the jobs ``(key, task, method, epsilon, lr, seed, split, config)`` not yet in
+    ``cache`` (``workers`` spawned processes, or in this one)."""
     done = load_runs(cache)
     todo = [job for job in jobs if job[0] not in done]
     if not todo:
         return
+    job = functools.partial(_job, study.train)
 
     def record(i: int, r: dict[str, Any], handle: Any) -> None:
         handle.write(json.dumps(r) + "\n")
@@ -254,12 +267,12 @@ def run_jobs(
 
     with cache.open("a") as handle:
         if workers <= 1:  # in-process: no start-up cost (tests, debugging)
-            for i, job in enumerate(todo, 1):
-                record(i, study.job(job), handle)
+            for i, args in enumerate(todo, 1):
+                record(i, job(args), handle)
             return
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            for i, r in enumerate(pool.imap_unordered(study.job, todo), 1):
+            for i, r in enumerate(pool.imap_unordered(job, todo), 1):
                 record(i, r, handle)
 
 
@@ -548,6 +561,9 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> None:
                 capsize=3, linestyle="-" if ours else "--", label=method,
             )  # fmt: skip
         ax.set_xscale("log")
+        epsilons = summary["config"]["epsilons"]
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        ax.minorticks_off()
         ax.set_xlabel(f"epsilon (delta = {summary['config']['delta']:g})")
         ax.set_ylabel("test accuracy")
         ax.set_title(study.plot_title(task))

@@ -376,15 +376,6 @@ def train_and_score(
     return dp_train_and_score(model, METHODS[method], train, evaluate, epsilon, lr, seed, config)
 
 
-def _job(args: tuple) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    key, task, method, epsilon, lr, seed, split, config = args
-    result = train_and_score(method, task, epsilon, lr, seed, split, config)
-    return {"key": key, "task": task, "method": method, "epsilon": epsilon, "lr": lr,
-            "seed": seed, "split": split, "safenorm": METHODS[method].safenorm,
-            **result}  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- study
 
 
@@ -406,7 +397,7 @@ FINETUNE_STUDY = Study(
     name="finetune",
     label="fine-tuning",
     methods=METHODS,
-    job=_job,
+    train=train_and_score,
     defaults=FinetuneConfig(),
     selection_fields=("tasks", "methods", "epsilons", "seeds", "workers"),
     title="DP fine-tuning of a BatchNorm-pretrained CNN on digits",

@@ -208,13 +208,21 @@ def build_method(method: str, seed: int, config: UtilityConfig) -> nn.Module:
 
 
 def train_and_score(
-    method: str, epsilon: float, lr: float, seed: int, split: str, config: UtilityConfig
+    method: str,
+    task: str,
+    epsilon: float,
+    lr: float,
+    seed: int,
+    split: str,
+    config: UtilityConfig,
 ) -> dict[str, Any]:
-    """Train ``method`` from scratch with DP-SGD at ``(epsilon, delta)``.
+    """Train ``method`` from scratch with DP-SGD at ``(epsilon, delta)`` on ``task``.
 
     ``split="validation"`` trains on ``fit`` and scores ``validation``; ``"test"`` trains on
     ``train`` and scores ``test``.
     """
+    if task != "digits":
+        raise ValueError(f"unknown from-scratch task {task!r}; known: ['digits']")
     data = _splits(config)
     train, evaluate = (
         (data["fit"], data["validation"]) if split == "validation" else
@@ -222,15 +230,6 @@ def train_and_score(
     )  # fmt: skip
     model = build_method(method, seed, config)
     return dp_train_and_score(model, METHODS[method], train, evaluate, epsilon, lr, seed, config)
-
-
-def _job(args: tuple) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    key, task, method, epsilon, lr, seed, split, config = args
-    result = train_and_score(method, epsilon, lr, seed, split, config)
-    return {"key": key, "task": task, "method": method, "epsilon": epsilon, "lr": lr,
-            "seed": seed, "split": split, "safenorm": METHODS[method].safenorm,
-            **result}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- study
@@ -259,7 +258,7 @@ UTILITY_STUDY = Study(
     name="utility",
     label="from-scratch",
     methods=METHODS,
-    job=_job,
+    train=train_and_score,
     defaults=UtilityConfig(),
     selection_fields=("tasks", "methods", "epsilons", "seeds", "workers"),
     title="Privacy-utility of DP-SGD from scratch on digits",
