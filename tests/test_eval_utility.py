@@ -68,6 +68,14 @@ def _dp_layers(model: nn.Module) -> list[safenorm.DPBatchNorm2d]:
     return norms
 
 
+def _slow(layer: safenorm.DPBatchNorm2d) -> bool:
+    return (
+        layer.momentum == 0.03 and layer.clip_norm == 0.5 * math.sqrt(layer.num_features)
+        and layer.var_clip_norm == math.sqrt(layer.num_features)
+        and layer.var_release == "linear" and not layer.project_gradient
+    )  # fmt: skip
+
+
 CHECKS = {
     # GroupNorm with 4 channels per group: more than one channel per group (not InstanceNorm)
     # and more than one group (not LayerNorm).
@@ -94,6 +102,8 @@ CHECKS = {
     "dp-ws-projection": lambda m: _ws_convs(m) and all(
         d.var_release == "linear" and d.project_gradient for d in _dp_layers(m)
     ),
+    "dp-slow": lambda m: _plain_convs(m) and all(_slow(d) for d in _dp_layers(m)),
+    "dp-ws-slow": lambda m: _ws_convs(m) and all(_slow(d) for d in _dp_layers(m)),
 }  # fmt: skip
 
 
