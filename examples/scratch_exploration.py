@@ -95,6 +95,32 @@ def main() -> None:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             print(f"[{i}/{len(todo)}] {record['key']}: {record['accuracy']:.3f}", flush=True)
+    report = summary(list(load_runs(args.out).values()))
+    args.out.with_name("exploration.md").write_text(report)
+    print(report)
+
+
+def summary(runs: list[dict]) -> str:
+    """Markdown: mean validation accuracy over the seeds run, per setting, epsilon and lr."""
+    cells: dict[tuple, dict[float, list[float]]] = {}
+    for r in runs:
+        s = r["setting"]
+        key = (s["momentum"], s["mean_clip_per_channel"], s["statistics_share"], r["epsilon"])
+        cells.setdefault(key, {}).setdefault(r["lr"], []).append(r["accuracy"])
+    lines = [
+        "# DPBatchNorm2d + weight standardization: statistics knobs (validation split only)",
+        "",
+        "Mean validation accuracy over the seeds run (1000-1002), per lr; the first pass's",
+        "defaults are momentum 0.1, mean bound 1 per channel, share 0.1.",
+        "",
+        "| momentum | mean bound / channel | statistics share | eps | accuracy by lr | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (momentum, clip, share, epsilon), by_lr in sorted(cells.items()):
+        accs = ", ".join(f"{lr:g}: {sum(v) / len(v):.3f}" for lr, v in sorted(by_lr.items()))
+        seeds = min(len(v) for v in by_lr.values())
+        lines.append(f"| {momentum:g} | {clip:g} | {share:g} | {epsilon:g} | {accs} | {seeds} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
