@@ -226,3 +226,23 @@ def test_opacus_checker_accepts_per_sample_gradients_through_a_projected_layer(m
     plain = torch.nn.Sequential(model[0], bn.eval(), *list(model)[2:])
     chain_rule = torch.autograd.grad(plain(x[:1]).square().sum(), model[0].weight)[0]
     assert not torch.allclose(projected, chain_rule, atol=1e-4)
+
+
+@pytest.mark.parametrize("option", [{"var_release": "log"}, {"project_gradient": True}])
+def test_options_compile_to_one_graph_that_matches_eager(option):
+    torch.manual_seed(0)
+    common = {"expected_batch_size": 8, "noise_multiplier": 0.0, **option}
+    compiled_layer, eager_layer = (
+        safenorm.DPBatchNorm2d(4, **common),
+        safenorm.DPBatchNorm2d(4, **common),
+    )
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torch.compile(compiled_layer, fullgraph=True)(x)
+        want = eager_layer(x)
+    g = torch.randn_like(y)
+    (got_grad,) = torch.autograd.grad((y * g).sum(), x)
+    (want_grad,) = torch.autograd.grad((want * g).sum(), x)
+    assert torch.allclose(y, want, atol=1e-5) and torch.allclose(got_grad, want_grad, atol=1e-5)
+    assert torch.allclose(compiled_layer.running_var, eager_layer.running_var)
