@@ -548,8 +548,9 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> None:
 
     tasks = summary["config"]["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods
     for ax, task in zip(axes[0], tasks, strict=True):
-        for method in summary["config"]["methods"]:
+        for index, method in enumerate(summary["config"]["methods"]):
             rows = sorted(
                 (r for r in summary["rows"] if r["method"] == method and r["task"] == task),
                 key=lambda r: r["epsilon"],
@@ -559,6 +560,7 @@ def plot(study: Study, summary: dict[str, Any], path: Path) -> None:
                 [r["epsilon"] for r in rows], [r["mean"] for r in rows],
                 yerr=[0 if math.isnan(r["ci95"]) else r["ci95"] for r in rows], marker="o",
                 capsize=3, linestyle="-" if ours else "--", label=method,
+                color=colors[2 * index % 20 + (2 * index // 20) % 2],
             )  # fmt: skip
         ax.set_xscale("log")
         epsilons = summary["config"]["epsilons"]
