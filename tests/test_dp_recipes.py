@@ -246,3 +246,109 @@ def test_options_compile_to_one_graph_that_matches_eager(option):
     (want_grad,) = torch.autograd.grad((want * g).sum(), x)
     assert torch.allclose(y, want, atol=1e-5) and torch.allclose(got_grad, want_grad, atol=1e-5)
     assert torch.allclose(compiled_layer.running_var, eager_layer.running_var)
+
+
+def test_log_release_keeps_the_running_statistics_when_they_would_overflow(monkeypatch):
+    # On the kernels the linear release's check is folded into the combine kernel; the log
+    # release runs on the reference primitives, so the layer must not take that route (it would
+    # leave inf in the buffers). Simulated on CPU by claiming the kernels would check.
+    from safenorm import ops
+
+    monkeypatch.setattr(ops, "checks_in_kernel", lambda x: True)
+    layer = safenorm.DPBatchNorm2d(2, var_release="log", expected_batch_size=16,
+                                   noise_multiplier=0.0)  # fmt: skip
+    layer.running_var.fill_(3e38)  # public; second moments ~1e39 give ratios above e^b
+    before = [b.clone() for b in (layer.running_mean, layer.running_var)]
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="left unchanged"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer(torch.randn(16, 2, 4, 4) * 3e19)
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == 0 and layer.release_count == 2  # still counted
+
+
+def test_log_release_warns_when_its_noise_factor_is_heavy_tailed():
+    x = torch.randn(64, 4, 3, 3)
+    quiet = safenorm.DPBatchNorm2d(
+        4, var_release="log", expected_batch_size=64, noise_multiplier=4.0, var_clip_norm=2.0
+    )  # tau = 0.125
+    heavy = safenorm.DPBatchNorm2d(
+        4, var_release="log", expected_batch_size=64, noise_multiplier=8.0, ghost_batch_size=4
+    )  # tau = 8 * 2 / 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet(x), heavy(x), heavy(x)
+    messages = [str(w.message) for w in caught if "heavy-tailed" in str(w.message)]
+    assert len(messages) == 1 and "tau = sigma * var_clip_norm / (D / groups) = 4" in messages[0]
+
+
+def test_projection_of_huge_same_sign_values_is_finite():
+    x = torch.full((2, 2, 4, 4), 3e38)
+    x[0, 0, 0, 0] = 1e38
+    got = _projected(x, torch.randn_like(x))
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.sum((2, 3)), torch.zeros(2, 2), atol=1e-4)
+
+
+def test_flat_input_refusal_spares_frozen_statistics_and_keeps_the_rank_error_first():
+    frozen = safenorm.DPBatchNorm1d(5, var_release="log", frozen_statistics=True)
+    frozen(torch.randn(8, 5))  # nothing is released: the log release is not used
+    layer = safenorm.DPBatchNorm2d(5, project_gradient=True, expected_batch_size=8)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(torch.randn(8, 5))
+
+
+def _released_model(seed: int, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [
+        safenorm.DPBatchNorm2d(4, expected_batch_size=8,
+                               generator=torch.Generator().manual_seed(seed + k), **options)
+        for k in range(2)
+    ]  # fmt: skip
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), layers[0], torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, padding=1), layers[1], torch.nn.Flatten(),
+        torch.nn.Linear(4 * 5 * 5, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"project_gradient": True, "var_release": "log"},
+        {"project_gradient": True, "ghost_batch_size": 4, "normalize_with": "batch"},
+    ],
+)
+def test_opacus_per_sample_gradients_with_released_statistics_and_projection_match_a_loop(options):
+    pytest.importorskip("opacus")
+    from opacus import GradSampleModule
+
+    from safenorm.opacus.grad_samplers import record_statistics
+
+    private, reference = _released_model(1, **options), _released_model(1, **options)
+    x, y = torch.randn(8, 2, 5, 5), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(private, strict=False, loss_reduction="sum")
+        record_statistics(private)
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+        # Same generators, same releases: each sample's loss from one forward of the twin.
+        out = reference(x)
+    assert torch.equal(private[1].last_statistics[1], reference[1].last_statistics[1])
+    for i in range(8):
+        loss = F.cross_entropy(out[i : i + 1], y[i : i + 1], reduction="sum")
+        grads = torch.autograd.grad(loss, list(reference.parameters()), retain_graph=True)
+        for p, g in zip(private.parameters(), grads, strict=True):
+            assert torch.allclose(p.grad_sample[i], g, atol=1e-5)
+
+
+def test_compiled_log_release_in_secure_mode_draws_fresh_noise():
+    layer = safenorm.DPBatchNorm2d(3, var_release="log", secure_mode=True, expected_batch_size=8)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(8, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+        first = layer.last_statistics[1].clone()
+        compiled(x)
+    assert torch.isfinite(first).all() and not torch.equal(first, layer.last_statistics[1])

@@ -369,7 +369,9 @@ def _opcheck_cases():
         ("frozen_normalize_backward", (t(5, 3, 4), t(5, 3, 4), t(3), var, scale)),
         # Deterministic release (no noise, one group): opcheck runs the op several times.
         ("dp_statistics", (t(5, 3), var[None].expand(5, 3).clone(), t(3), scale, 1.0, 2.0, 0.0,
-                           6.0, 0, 0.25, False, True)),
+                           6.0, 0, 0.25, False, True, "linear")),
+        ("dp_statistics", (t(5, 3), var[None].expand(5, 3).clone(), t(3), scale, 1.0, 2.0, 0.0,
+                           6.0, 0, 0.25, False, True, "log")),
         ("running_update", (t(3), var.clone(), t(2, 3), var[None].expand(2, 3).clone(),
                             torch.tensor([3.0, 2.0], device=DEVICE), 9, 0.1)),
     ]  # fmt: skip

@@ -612,10 +612,10 @@ class _ProjectPerSample(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         dims = tuple(range(2, x.dim()))
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        centred = x.to(acc) - x.to(acc).mean(dims, keepdim=True)
-        # Scaled into [-1, 1] first: the squared norm of huge finite values would overflow.
-        peak = centred.abs().amax(dims, keepdim=True)
-        unit = centred / torch.where(peak > 0, peak, torch.ones_like(peak))
+        # Scaled into [-1, 1] before centring, and again after: the mean and the squared norm
+        # of huge finite values would overflow.
+        unit = _scaled_to_unit_peak(x.to(acc), dims)
+        unit = _scaled_to_unit_peak(unit - unit.mean(dims, keepdim=True), dims)
         norm_sq = (unit * unit).sum(dims, keepdim=True)
         g = grad.to(acc)
         g = g - g.mean(dims, keepdim=True)
@@ -623,6 +623,12 @@ class _ProjectPerSample(torch.autograd.Function):
             norm_sq > 0, norm_sq, torch.ones_like(norm_sq)
         )
         return (g - coefficient * unit).to(grad.dtype)
+
+
+def _scaled_to_unit_peak(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t`` divided by its largest absolute value over ``dims`` (all-zero slices stay zero)."""
+    peak = t.abs().amax(dims, keepdim=True)
+    return t / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def project_gradient_per_sample(x: Tensor) -> Tensor:
@@ -1020,9 +1026,10 @@ def dp_release(
             "var_release='log' needs input with spatial dimensions (N, C, *S), prod(S) >= 2, got "
             f"shape {tuple(input.shape)}; use var_release='linear'"
         )
-    # The kernels fuse the linear release; the log release runs on these reference primitives.
-    fused = var_release == "linear" and moments is None and all_reduce is None
-    if fused and _ops.routes(input):  # kernels / custom ops
+    # The kernels fuse the linear release; the log release runs on these reference primitives,
+    # in compiled code inside the custom op (random work stays opaque to the compiler).
+    release_op = var_release == "linear" or torch.compiler.is_compiling()
+    if release_op and moments is None and all_reduce is None and _ops.routes(input):
         stage2 = _ops.Stage2(
             ghost_batch_size=ghost_batch_size,
             clip_norm=clip_norm,
@@ -1031,6 +1038,7 @@ def dp_release(
             var_floor=var_floor,
             noise_multiplier=noise_multiplier,
             denominator=denominator,
+            var_release=var_release,
         )
         return _ops.release(
             input,

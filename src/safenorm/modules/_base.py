@@ -241,7 +241,7 @@ class SafeBatchNormBase(nn.Module):
         self._check_batch(input)
         if not (self.check_statistics and self.training and self.track_running_stats):
             return self._batch_forward(input)
-        if getattr(self, "process_group", None) is None and ops.checks_in_kernel(input):
+        if self._checks_in_kernel(input):
             return self._forward_checked_in_kernel(input)
         buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         before = [b.clone() for b in buffers]
@@ -265,6 +265,10 @@ class SafeBatchNormBase(nn.Module):
                 buffer.copy_(saved)
             raise ValueError(self._nonfinite_message("are"))
         return output
+
+    def _checks_in_kernel(self, input: Tensor) -> bool:
+        """Whether this forward's running update runs in the combine kernel, with the check."""
+        return getattr(self, "process_group", None) is None and ops.checks_in_kernel(input)
 
     def _forward_checked_in_kernel(self, input: Tensor) -> Tensor:
         """The check folded into the combine kernel: it writes the running statistics only if

@@ -135,6 +135,10 @@ class DPBatchNorm(SafeBatchNormBase):
     )
 
     _input_ranks = ANY_RANK
+    # Class-level defaults: a layer pickled before these options existed loads with them off.
+    var_release: str = "linear"
+    project_gradient: bool = False
+    _warned_log_noise: bool = False
     _variant_args: ClassVar[tuple[str, ...]] = (
         "clip_norm",
         "var_clip_norm",
@@ -225,6 +229,7 @@ class DPBatchNorm(SafeBatchNormBase):
         self._release_hooks: OrderedDict[int, ReleaseHook] = OrderedDict()  # weakref-able
         self._warned_public_size = False
         self._warned_unaccounted = False
+        self._warned_log_noise = False
         _prepare_trace_time_warning()
         #: ``(mean, var)`` this layer normalized with in its last forward, ``(C,)`` or ``(N, C)``
         #: (per-sample with DP ghost groups); released values, used by the per-sample gradients.
@@ -281,15 +286,45 @@ class DPBatchNorm(SafeBatchNormBase):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and SF.spatial_size(input) < 2:
-            self._refuse_options_needing_space(input)
         if self.project_gradient and self.training:
+            self._check_input(input)  # the rank first, then the projection's own needs
             input = SF.project_gradient_per_sample(input)
         return super().forward(input)
 
+    def _check_input(self, input: Tensor) -> None:
+        super()._check_input(input)
+        if self.training and SF.spatial_size(input) < 2:
+            self._refuse_options_needing_space(input)
+
+    def _checks_in_kernel(self, input: Tensor) -> bool:
+        # The combine kernel fuses (and checks) the linear release only.
+        return self.var_release == "linear" and super()._checks_in_kernel(input)
+
+    def _warn_if_log_noise_is_heavy_tailed(self, denominator: float) -> None:
+        # tau = sigma R2 / (D / G), public: the noise factor exp(N(0, tau^2)) of each release.
+        groups = (
+            1
+            if self.ghost_batch_size is None
+            else max(1, round(denominator / self.ghost_batch_size))
+        )
+        tau = self.noise_multiplier * self.var_clip_norm * groups / max(denominator, 1e-30)
+        if tau > MAX_LOG_NOISE_STD:
+            warnings.warn(
+                f"{self._describe()}: var_release='log' with noise std tau = sigma * "
+                f"var_clip_norm / (D / groups) = {tau:.3g} in log units per release: the noise "
+                "factor exp(N(0, tau^2)) is mean-one but heavy-tailed (most releases at the "
+                "floor, rare ones many times the variance). Lower tau (a larger batch, fewer ghost "
+                "groups, a smaller var_clip_norm, more budget for the statistics) or use "
+                "var_release='linear'.",
+                UserWarning,
+                stacklevel=4,
+            )
+        self._warned_log_noise = True
+
     def _refuse_options_needing_space(self, input: Tensor) -> None:
+        releases = self._uses_batch_statistics()
         for option, active in (
-            ("var_release='log'", self.var_release == "log"),
+            ("var_release='log'", self.var_release == "log" and releases),
             ("project_gradient=True", self.project_gradient),
         ):
             if active:
@@ -357,9 +392,17 @@ class DPBatchNorm(SafeBatchNormBase):
             var_release=self.var_release,
         )
         self._record_release()
+        if self.var_release == "log" and not self._warned_log_noise:
+            if not torch.compiler.is_compiling():  # a utility warning: eager code only
+                self._warn_if_log_noise_is_heavy_tailed(denominator)
         self.last_statistics = (mean, var)
         return SF.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
 
+
+#: Above this noise std (log units) per release the log variance release warns: its noise
+#: factor exp(N(0, tau^2)) is then heavy-tailed (at tau = 4, 95% of releases sat at the floor
+#: and one in 200 was 4e4 times the variance, measured).
+MAX_LOG_NOISE_STD = 1.0
 
 #: Below this many running-variance units per channel (RMS), the variance release cannot follow
 #: activations that grow: training on digits diverged at 1/16, 1/4 and 1/2 of the default

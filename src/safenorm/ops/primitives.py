@@ -103,6 +103,8 @@ class Stage2:
         detach_statistics: no gradient through the statistics.
         noise_multiplier: ``sigma`` of the DP releases.
         denominator: the public batch size ``D`` of a DP release (``None``: not DP).
+        var_release: the DP variance release, ``"linear"`` (fused by the kernels) or ``"log"``
+            (compiled code only: the custom op runs the reference math).
     """
 
     ghost_batch_size: int | None = None
@@ -113,6 +115,7 @@ class Stage2:
     detach_statistics: bool = False
     noise_multiplier: float = 0.0
     denominator: float | None = None
+    var_release: str = "linear"
 
     @property
     def clipped(self) -> bool:

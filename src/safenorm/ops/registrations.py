@@ -419,6 +419,7 @@ def _dp_statistics(
     var_floor: float,
     secure_mode: bool,
     add_noise: bool,
+    var_release: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The DP release from moments, noise from torch's global generator (or the OS CSPRNG).
 
@@ -437,12 +438,13 @@ def _dp_statistics(
         var_floor=var_floor,
         secure_mode=secure_mode,
         add_noise=add_noise,
+        var_release=var_release,
     )
     return stats.mean, stats.var, stats.groups.index.clone(), stats.groups.size.clone()
 
 
 @_dp_statistics.register_fake
-def _(m, w, center, scale, clip_norm, var_clip_norm, sigma, denominator, ghost, floor, s, a):
+def _(m, w, center, scale, clip_norm, var_clip_norm, sigma, denominator, ghost, floor, s, a, v):
     count = 1 if ghost <= 0 else max(1, round(denominator / ghost))
     stat = m.new_empty((count, m.shape[1]))
     index = m.new_empty((m.shape[0],), dtype=torch.long)
@@ -528,6 +530,7 @@ def compiled_release(
         denominator=denominator,
         var_floor=float(stage2.var_floor),
         secure_mode=secure_mode,
+        var_release=stage2.var_release,
     )
     if generator is not None:
         return SF.dp_release(
@@ -557,6 +560,7 @@ def compiled_release(
             kwargs["var_floor"],
             secure_mode,
             True,
+            stage2.var_release,
         )
     stats = SF.PrivateStatistics(mean, var, SF.Groups(index=index, size=size))
     if running_mean is not None and running_var is not None:
