@@ -12,6 +12,7 @@ pytest.importorskip("opacus")
 pytest.importorskip("sklearn")
 
 import torch
+from safenorm.evaluation.dpstudy import t_interval as _t_interval
 from safenorm.evaluation.finetune import (
     METHODS,
     FinetuneConfig,
@@ -24,7 +25,6 @@ from safenorm.evaluation.finetune import (
     train_and_score,
     widen_grid,
 )
-from safenorm.evaluation.dpstudy import t_interval as _t_interval
 from torch import nn
 
 import safenorm

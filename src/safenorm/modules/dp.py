@@ -392,9 +392,11 @@ class DPBatchNorm(SafeBatchNormBase):
             var_release=self.var_release,
         )
         self._record_release()
-        if self.var_release == "log" and not self._warned_log_noise:
-            if not torch.compiler.is_compiling():  # a utility warning: eager code only
-                self._warn_if_log_noise_is_heavy_tailed(denominator)
+        # A utility warning, from eager code only.
+        if self.var_release == "log" and not (
+            self._warned_log_noise or torch.compiler.is_compiling()
+        ):
+            self._warn_if_log_noise_is_heavy_tailed(denominator)
         self.last_statistics = (mean, var)
         return SF.frozen_normalize(input, mean, var, self.weight, self.bias, self.eps)
 
