@@ -374,6 +374,8 @@ def run_study(
     Returns:
         The summary written to ``{name}.json``.
     """
+    if len(set(config.methods)) != len(config.methods):
+        raise ValueError(f"{study.label} methods listed twice: {list(config.methods)}")
     for name in config.methods:
         if name not in study.methods:
             raise ValueError(

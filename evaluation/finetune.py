@@ -43,6 +43,10 @@ Protocol (fixed before any run):
     continue from the pretrained ``num_batches_tracked`` (weight ``1 / (n + t)``), so the
     statistics would barely move while every release still spends budget. The statistics get
     ``statistics_share`` (10%) of the budget;
+  - ``frozen-stats-projection``, ``released-stats-projection`` (safenorm, added after the
+    first two passes, with the from-scratch study's ``project_gradient=True``): as
+    ``frozen-stats`` / ``released-stats`` with the per-sample projected backward (InstanceNorm's
+    backward direction, which Opacus' fix has);
   - ``scratch-groupnorm`` (reference, not an anchor): the GroupNorm(4 channels/group) CNN
     trained from scratch on the private data: shows whether pretraining matters at an epsilon.
 
@@ -119,6 +123,8 @@ class FinetuneConfig:
         "frozen-stats",
         "frozen-stats-bitfit",
         "released-stats",
+        "frozen-stats-projection",
+        "released-stats-projection",
         "scratch-groupnorm",
     )
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
@@ -301,11 +307,11 @@ def _linear_probe(seed: int, config: FinetuneConfig) -> nn.Module:
     return nn.Sequential(FrozenFeatures(model[:-1]), head)
 
 
-def _frozen_stats(seed: int, config: FinetuneConfig) -> nn.Module:
+def _frozen_stats(seed: int, config: FinetuneConfig, **options: Any) -> nn.Module:
     import safenorm
 
     model = pretrained("batchnorm", seed, config)
-    return _new_head(safenorm.convert_batchnorm(model, "dp", frozen_statistics=True))
+    return _new_head(safenorm.convert_batchnorm(model, "dp", frozen_statistics=True, **options))
 
 
 def _frozen_stats_bitfit(seed: int, config: FinetuneConfig) -> nn.Module:
@@ -320,14 +326,18 @@ def _frozen_stats_bitfit(seed: int, config: FinetuneConfig) -> nn.Module:
     return model
 
 
-def _released_stats(seed: int, config: FinetuneConfig) -> nn.Module:
+def _released_stats(seed: int, config: FinetuneConfig, **options: Any) -> nn.Module:
     import safenorm
 
     model = pretrained("batchnorm", seed, config)
     model = safenorm.convert_batchnorm(
-        model, "dp", statistics_are_public=True, momentum=config.released_momentum
+        model, "dp", statistics_are_public=True, momentum=config.released_momentum, **options
     )
     return _new_head(model)
+
+
+def _projected(build: Callable[..., nn.Module]) -> Callable[[int, FinetuneConfig], nn.Module]:
+    return lambda seed, config: build(seed, config, project_gradient=True)
 
 
 #: The study's methods (see the module docstring).
@@ -339,6 +349,12 @@ METHODS: dict[str, FinetuneMethod] = {
     "frozen-stats": FinetuneMethod(_frozen_stats, safenorm=True, engine="safenorm"),
     "frozen-stats-bitfit": FinetuneMethod(_frozen_stats_bitfit, safenorm=True, engine="safenorm"),
     "released-stats": FinetuneMethod(_released_stats, safenorm=True, engine="safenorm"),
+    "frozen-stats-projection": FinetuneMethod(
+        _projected(_frozen_stats), safenorm=True, engine="safenorm"
+    ),
+    "released-stats-projection": FinetuneMethod(
+        _projected(_released_stats), safenorm=True, engine="safenorm"
+    ),
 }
 
 

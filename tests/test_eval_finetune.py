@@ -86,6 +86,7 @@ def _check_frozen(model, bn, trainable: int):
 
 def _check_frozen_stats(model, bn, gn):
     _check_frozen(model, bn, trainable=10)
+    assert not any(m.project_gradient for m in _norms(model))
 
 
 def _check_bitfit(model, bn, gn):
@@ -93,12 +94,26 @@ def _check_bitfit(model, bn, gn):
     assert _trainable(model) == {"1.weight", "1.bias", "5.weight", "5.bias", "9.weight", "9.bias"}
 
 
-def _check_released_stats(model, bn, gn):
+def _check_released(model, bn, projected: bool):
     norms = _norms(model)
     assert all(type(m) is safenorm.DPBatchNorm2d and not m.frozen_statistics for m in norms)
     for m, ref in zip(norms, _norms(bn), strict=True):
         assert torch.equal(m.running_var, ref.running_var) and m.momentum == TINY.released_momentum
+        assert m.project_gradient == projected and m.var_release == "linear"
     assert _same_convs(model, bn) and len(_trainable(model)) == 10
+
+
+def _check_released_stats(model, bn, gn):
+    _check_released(model, bn, projected=False)
+
+
+def _check_frozen_stats_projection(model, bn, gn):
+    _check_frozen(model, bn, trainable=10)
+    assert all(m.project_gradient and m.var_release == "linear" for m in _norms(model))
+
+
+def _check_released_stats_projection(model, bn, gn):
+    _check_released(model, bn, projected=True)
 
 
 def _check_scratch(model, bn, gn):
@@ -113,6 +128,8 @@ CHECKS = {
     "frozen-stats": _check_frozen_stats,
     "frozen-stats-bitfit": _check_bitfit,
     "released-stats": _check_released_stats,
+    "frozen-stats-projection": _check_frozen_stats_projection,
+    "released-stats-projection": _check_released_stats_projection,
     "scratch-groupnorm": _check_scratch,
 }
 
@@ -120,7 +137,10 @@ CHECKS = {
 def test_every_method_is_checked_and_safenorm_flags_are_right():
     assert set(CHECKS) == set(METHODS)
     ours = {m for m, spec in METHODS.items() if spec.safenorm}
-    assert ours == {"frozen-stats", "frozen-stats-bitfit", "released-stats"}
+    assert ours == {
+        "frozen-stats", "frozen-stats-bitfit", "released-stats", "frozen-stats-projection",
+        "released-stats-projection",
+    }  # fmt: skip
     assert {m for m, spec in METHODS.items() if spec.anchor} == {
         "opacus-fix", "groupnorm-pretrained", "linear-probe"
     }  # fmt: skip

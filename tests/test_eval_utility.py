@@ -266,6 +266,9 @@ def test_a_cache_of_another_protocol_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match=r"unknown from-scratch method 'bn'.*groupnorm"):
         run_utility_study(UtilityConfig(methods=("bn",)), tmp_path / "other")
+    # A method listed twice would widen its lr grid twice per round and read an unrun point.
+    with pytest.raises(ValueError, match=r"from-scratch methods listed twice"):
+        run_utility_study(UtilityConfig(methods=("dp", "none", "dp")), tmp_path / "other")
 
 
 def test_cli_utility_parses_into_the_study_config(tmp_path, monkeypatch):
