@@ -38,9 +38,9 @@ Protocol (fixed before any run):
   ``make_private_with_epsilon`` (Poisson sampling, per-sample clipping at ``max_grad_norm``).
 * Tuning, report, decision rule: :mod:`safenorm.evaluation.dpstudy` (lr per cell from the
   mean of ``validation_repeats`` validation runs, grid widened past a winning end point;
-  paired differences of each safenorm method to the best anchor over the same seeds). Goal
-  (from the issue that asked for this study): the recipe (the safenorm method best on
-  validation) at or above the best anchor at epsilon 3 and 8 and within 3 points of it at 1.
+  paired differences of each safenorm method to the best anchor over the same seeds). Goal,
+  set before the runs: the recipe (the safenorm method best on validation) at or above the
+  best anchor at epsilon 3 and 8 and within 3 points of it at 1.
 * Diagnostic: ``E[xhat^2]`` per DP layer over the last epoch (``xhat_sq`` in the runs).
 """
 
