@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ class WSConv2d(nn.Conv2d):
     come from Opacus' functorch fallback, through the standardization.
     """
 
-    def __init__(self, *args, eps: float = 1e-5, **kwargs) -> None:
+    def __init__(self, *args: Any, eps: float = 1e-5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eps = eps
 
