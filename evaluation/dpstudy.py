@@ -173,6 +173,16 @@ class NormalizedSecondMoment:
             handle.remove()
 
 
+def train_and_evaluation_data(
+    data: dict[str, tuple[Tensor, Tensor]], split: str
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The (training, scoring) data of a run: ``fit`` and ``validation`` for lr selection
+    (``split="validation"``), else the whole ``train`` split and ``test``."""
+    if split == "validation":
+        return data["fit"], data["validation"]
+    return data["train"], data["test"]
+
+
 def dp_train_and_score(
     model: nn.Module,
     method: Method,

@@ -72,7 +72,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safenorm.evaluation.dpstudy import Method, Study, dp_train_and_score, report, run_study
+from safenorm.evaluation.dpstudy import (
+    Method,
+    Study,
+    dp_train_and_score,
+    report,
+    run_study,
+    train_and_evaluation_data,
+)
 from safenorm.evaluation.dpstudy import widen_grid as widen_grid
 from safenorm.evaluation.models import digits_dp_cnn, swap_batchnorm
 from torch import Tensor, nn
@@ -383,11 +390,9 @@ def train_and_score(
     ``train`` and scores ``test``. After pretraining, ``torch.manual_seed(seed)``: the same
     noise stream for every method (:func:`~safenorm.evaluation.dpstudy.dp_train_and_score`).
     """
-    data = _splits(task, config.test_fraction, config.validation_fraction)
-    train, evaluate = (
-        (data["fit"], data["validation"]) if split == "validation" else
-        (data["train"], data["test"])
-    )  # fmt: skip
+    train, evaluate = train_and_evaluation_data(
+        _splits(task, config.test_fraction, config.validation_fraction), split
+    )
     model = build_method(method, seed, config)
     return dp_train_and_score(model, METHODS[method], train, evaluate, epsilon, lr, seed, config)
 

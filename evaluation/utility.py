@@ -53,7 +53,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safenorm.evaluation.dpstudy import Method, Study, dp_train_and_score, report, run_study
+from safenorm.evaluation.dpstudy import (
+    Method,
+    Study,
+    dp_train_and_score,
+    report,
+    run_study,
+    train_and_evaluation_data,
+)
 from safenorm.evaluation.models import digits_dp_cnn, swap_batchnorm, weight_standardized
 from torch import Tensor, nn
 
@@ -239,11 +246,7 @@ def train_and_score(
     """
     if task != "digits":
         raise ValueError(f"unknown from-scratch task {task!r}; known: ['digits']")
-    data = _splits(config)
-    train, evaluate = (
-        (data["fit"], data["validation"]) if split == "validation" else
-        (data["train"], data["test"])
-    )  # fmt: skip
+    train, evaluate = train_and_evaluation_data(_splits(config), split)
     model = build_method(method, seed, config)
     return dp_train_and_score(model, METHODS[method], train, evaluate, epsilon, lr, seed, config)
 
