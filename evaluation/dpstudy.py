@@ -100,11 +100,11 @@ class Study:
     methods: dict[str, Method]
     train: Callable[..., dict[str, Any]]
     defaults: Any
-    selection_fields: tuple[str, ...]
     title: str
     intro: Callable[[dict[str, Any]], str]
     plot_title: Callable[[str], str]
     goal_margin: Callable[[float], float] = lambda epsilon: 0.0
+    selection_fields: tuple[str, ...] = ("tasks", "methods", "epsilons", "seeds", "workers")
 
 
 # ----------------------------------------------------------------------------- one run
@@ -482,6 +482,14 @@ def summarize(study: Study, config: Any, runs: dict[str, dict], best: dict) -> d
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def schedule_text(config: dict[str, Any]) -> str:
+    """The DP-SGD schedule of a study's config, for its report's protocol paragraph."""
+    return (
+        f"delta = {config['delta']}, {config['epochs']} DP-SGD epochs, expected batch "
+        f"{config['batch_size']}, clip {config['max_grad_norm']}, seeds {config['seeds']}"
+    )
 
 
 def _points(d: dict[str, float]) -> str:

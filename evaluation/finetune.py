@@ -78,6 +78,7 @@ from safenorm.evaluation.dpstudy import (
     dp_train_and_score,
     report,
     run_study,
+    schedule_text,
     train_and_evaluation_data,
 )
 from safenorm.evaluation.dpstudy import widen_grid as widen_grid
@@ -403,10 +404,9 @@ def train_and_score(
 def _intro(config: dict[str, Any]) -> str:
     return (
         "Public classes 0-4 (non-private pretraining), private classes 5-9 with a new head; "
-        f"delta = {config['delta']}, {config['epochs']} DP epochs, expected batch "
-        f"{config['batch_size']}, clip {config['max_grad_norm']}, seeds {config['seeds']}; lr "
-        f"per (task, method, epsilon) from validation over {config['lrs']} (widened past an "
-        "end point when one wins). Test accuracy: mean ± 95% t-interval over seeds. "
+        f"{schedule_text(config)}; lr per (task, method, epsilon) from validation over "
+        f"{config['lrs']} (widened past an end point when one wins). Test accuracy: mean ± 95% "
+        "t-interval over seeds. "
         "`released-stats` gives its statistics "
         f"{config['statistics_share']:.0%} of the budget, momentum {config['released_momentum']}."
         " (S) marks safenorm's methods."
@@ -420,7 +420,6 @@ FINETUNE_STUDY = Study(
     methods=METHODS,
     train=train_and_score,
     defaults=FinetuneConfig(),
-    selection_fields=("tasks", "methods", "epsilons", "seeds", "workers"),
     title="DP fine-tuning of a BatchNorm-pretrained CNN on digits",
     intro=_intro,
     plot_title=lambda task: f"DP fine-tuning on digits 5-9: {task}",

@@ -59,6 +59,7 @@ from safenorm.evaluation.dpstudy import (
     dp_train_and_score,
     report,
     run_study,
+    schedule_text,
     train_and_evaluation_data,
 )
 from safenorm.evaluation.models import digits_dp_cnn, swap_batchnorm, weight_standardized
@@ -256,9 +257,7 @@ def train_and_score(
 
 def _intro(config: dict[str, Any]) -> str:
     return (
-        "DP-SGD from scratch on digits (10 classes); "
-        f"delta = {config['delta']}, {config['epochs']} epochs, expected batch "
-        f"{config['batch_size']}, clip {config['max_grad_norm']}, seeds {config['seeds']}; lr "
+        f"DP-SGD from scratch on digits (10 classes); {schedule_text(config)}; lr "
         f"per (method, epsilon) from the mean of {config['validation_repeats']} validation "
         f"runs over {config['lrs']}, widened past an end point when one wins. Test accuracy: "
         "mean ± 95% t-interval over seeds. safenorm's methods (S) give their statistics "
@@ -279,7 +278,6 @@ UTILITY_STUDY = Study(
     methods=METHODS,
     train=train_and_score,
     defaults=UtilityConfig(),
-    selection_fields=("tasks", "methods", "epsilons", "seeds", "workers"),
     title="Privacy-utility of DP-SGD from scratch on digits",
     intro=_intro,
     plot_title=lambda task: "DP-SGD from scratch on digits",
