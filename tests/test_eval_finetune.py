@@ -94,11 +94,11 @@ def _check_bitfit(model, bn, gn):
     assert _trainable(model) == {"1.weight", "1.bias", "5.weight", "5.bias", "9.weight", "9.bias"}
 
 
-def _check_released(model, bn, projected: bool):
+def _check_released(model, bn, projected: bool, momentum: float = TINY.released_momentum):
     norms = _norms(model)
     assert all(type(m) is safenorm.DPBatchNorm2d and not m.frozen_statistics for m in norms)
     for m, ref in zip(norms, _norms(bn), strict=True):
-        assert torch.equal(m.running_var, ref.running_var) and m.momentum == TINY.released_momentum
+        assert torch.equal(m.running_var, ref.running_var) and m.momentum == momentum
         assert m.project_gradient == projected and m.var_release == "linear"
     assert _same_convs(model, bn) and len(_trainable(model)) == 10
 
@@ -116,6 +116,10 @@ def _check_released_stats_projection(model, bn, gn):
     _check_released(model, bn, projected=True)
 
 
+def _check_released_stats_fast(model, bn, gn):
+    _check_released(model, bn, projected=False, momentum=0.1)
+
+
 def _check_scratch(model, bn, gn):
     assert [(m.num_groups, m.num_channels) for m in _norms(model)] == [(4, 16), (8, 32)]
     assert not _same_convs(model, gn) and not _same_convs(model, bn)
@@ -130,6 +134,7 @@ CHECKS = {
     "released-stats": _check_released_stats,
     "frozen-stats-projection": _check_frozen_stats_projection,
     "released-stats-projection": _check_released_stats_projection,
+    "released-stats-fast": _check_released_stats_fast,
     "scratch-groupnorm": _check_scratch,
 }
 
@@ -139,7 +144,7 @@ def test_every_method_is_checked_and_safenorm_flags_are_right():
     ours = {m for m, spec in METHODS.items() if spec.safenorm}
     assert ours == {
         "frozen-stats", "frozen-stats-bitfit", "released-stats", "frozen-stats-projection",
-        "released-stats-projection",
+        "released-stats-projection", "released-stats-fast",
     }  # fmt: skip
     assert {m for m, spec in METHODS.items() if spec.anchor} == {
         "opacus-fix", "groupnorm-pretrained", "linear-probe"
