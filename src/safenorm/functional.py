@@ -45,6 +45,7 @@ __all__ = [
     "clipped_statistics",
     "consecutive_groups",
     "dp_batch_norm",
+    "dp_group_count",
     "dp_groups",
     "dp_release",
     "dp_statistics",
@@ -897,6 +898,11 @@ def dp_statistics(
     )
 
 
+def dp_group_count(denominator: float, ghost_batch_size: int | None) -> int:
+    """``G``: 1 without ghost groups, else ``max(1, round(D / ghost_batch_size))`` (public)."""
+    return 1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
+
+
 def dp_groups(
     n: int,
     denominator: float,
@@ -909,7 +915,7 @@ def dp_groups(
     ``G = max(1, round(D / ghost_batch_size))`` independently drawn groups (:func:`random_groups`;
     from the OS CSPRNG in ``secure_mode``).
     """
-    num_groups = 1 if ghost_batch_size is None else max(1, round(denominator / ghost_batch_size))
+    num_groups = dp_group_count(denominator, ghost_batch_size)
     if num_groups == 1:
         return Groups(
             index=torch.zeros(n, dtype=torch.long, device=device),

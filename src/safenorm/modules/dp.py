@@ -286,8 +286,8 @@ class DPBatchNorm(SafeBatchNormBase):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.project_gradient and self.training:
-            self._check_input(input)  # the rank first, then the projection's own needs
+        # Identity forward: on input without spatial dimensions, _check_input refuses next.
+        if self.project_gradient and self.training and SF.spatial_size(input) >= 2:
             input = SF.project_gradient_per_sample(input)
         return super().forward(input)
 
@@ -302,11 +302,7 @@ class DPBatchNorm(SafeBatchNormBase):
 
     def _warn_if_log_noise_is_heavy_tailed(self, denominator: float) -> None:
         # tau = sigma R2 / (D / G), public: the noise factor exp(N(0, tau^2)) of each release.
-        groups = (
-            1
-            if self.ghost_batch_size is None
-            else max(1, round(denominator / self.ghost_batch_size))
-        )
+        groups = SF.dp_group_count(denominator, self.ghost_batch_size)
         tau = self.noise_multiplier * self.var_clip_norm * groups / max(denominator, 1e-30)
         if tau > MAX_LOG_NOISE_STD:
             warnings.warn(

@@ -469,7 +469,7 @@ def release(
         raise ValueError("normalize_with='running' needs running statistics")
     denominator = float(stage2.denominator)
     ghost = stage2.ghost_batch_size
-    count = 1 if ghost is None else max(1, round(denominator / ghost))
+    count = SF.dp_group_count(denominator, ghost)
     if count == 1:
         index, sizes = None, _sizes(0, 1, denominator, x.device)
     else:

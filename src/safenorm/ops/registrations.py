@@ -445,7 +445,7 @@ def _dp_statistics(
 
 @_dp_statistics.register_fake
 def _(m, w, center, scale, clip_norm, var_clip_norm, sigma, denominator, ghost, floor, s, a, v):
-    count = 1 if ghost <= 0 else max(1, round(denominator / ghost))
+    count = SF.dp_group_count(denominator, ghost if ghost > 0 else None)
     stat = m.new_empty((count, m.shape[1]))
     index = m.new_empty((m.shape[0],), dtype=torch.long)
     return stat, torch.empty_like(stat), index, m.new_empty((count,), dtype=torch.float32)
