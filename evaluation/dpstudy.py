@@ -107,6 +107,13 @@ class Study:
     selection_fields: tuple[str, ...] = ("tasks", "methods", "epsilons", "seeds", "workers")
 
 
+def method_of(label: str, methods: dict[str, Method], name: str) -> Method:
+    """``methods[name]``, or an error naming the known ones."""
+    if name not in methods:
+        raise ValueError(f"unknown {label} method {name!r}; known: {sorted(methods)}")
+    return methods[name]
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -130,7 +137,7 @@ def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 class NormalizedSecondMoment:
-    """Diagnostic: ``E[xhat^2]`` per DP layer, over the training forwards since :meth:`reset`.
+    """Diagnostic: ``E[xhat^2]`` per DP layer, over the training forwards while it is attached.
 
     ``xhat = (x - mean) / sqrt(var + eps)`` with the statistics the layer normalized with
     (``last_statistics``); 1 when the released statistics track the activations. Computed by
@@ -161,9 +168,6 @@ class NormalizedSecondMoment:
             total[1] += z.numel()
 
         return record
-
-    def reset(self) -> None:
-        self.sums.clear()
 
     def means(self) -> dict[str, float]:
         return {name: s / n for name, (s, n) in self.sums.items() if n}
@@ -221,9 +225,8 @@ def dp_train_and_score(
             target_delta=config.delta, epochs=config.epochs, max_grad_norm=config.max_grad_norm,
             **extra,
         )  # fmt: skip
-        diagnostic = NormalizedSecondMoment(model)
         train_dp_epochs(dp_model, dp_optimizer, dp_loader, config.epochs - 1)
-        diagnostic.reset()  # E[xhat^2] over the last epoch
+        diagnostic = NormalizedSecondMoment(model)  # E[xhat^2] over the last epoch only
         train_dp_epochs(dp_model, dp_optimizer, dp_loader, 1)
         diagnostic.remove()
         spent = engine.get_epsilon(config.delta)
@@ -387,10 +390,7 @@ def run_study(
     if len(set(config.methods)) != len(config.methods):
         raise ValueError(f"{study.label} methods listed twice: {list(config.methods)}")
     for name in config.methods:
-        if name not in study.methods:
-            raise ValueError(
-                f"unknown {study.label} method {name!r}; known: {sorted(study.methods)}"
-            )
+        method_of(study.label, study.methods, name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "runs.jsonl"

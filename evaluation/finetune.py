@@ -81,6 +81,7 @@ from safenorm.evaluation.dpstudy import (
     Method,
     Study,
     dp_train_and_score,
+    method_of,
     report,
     run_study,
     schedule_text,
@@ -386,9 +387,7 @@ METHODS: dict[str, FinetuneMethod] = {
 
 def build_method(method: str, seed: int, config: FinetuneConfig) -> nn.Module:
     """The model of ``method`` (pretrained, with a new head, seeded by ``seed``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {method!r}; known: {sorted(METHODS)}")
-    return METHODS[method].build(seed, config)
+    return method_of("fine-tuning", METHODS, method).build(seed, config)
 
 
 # ----------------------------------------------------------------------------- training

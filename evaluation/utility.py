@@ -57,6 +57,7 @@ from safenorm.evaluation.dpstudy import (
     Method,
     Study,
     dp_train_and_score,
+    method_of,
     report,
     run_study,
     schedule_text,
@@ -177,21 +178,26 @@ def _opacus_fix(seed: int, config: UtilityConfig) -> nn.Module:
     return ModuleValidator.fix(digits_dp_cnn())
 
 
-def _dp(ws: bool = False, **options: Any) -> Callable:
+#: Per-channel DPBatchNorm2d arguments: ``options(channels, config) -> kwargs``.
+ChannelOptions = Callable[[int, "UtilityConfig"], dict[str, Any]]
+
+
+def _log_release(c: int, config: UtilityConfig) -> dict[str, Any]:
+    return {"var_release": "log", "var_clip_norm": config.log_var_clip_per_channel * math.sqrt(c)}
+
+
+def _slow(c: int, config: UtilityConfig) -> dict[str, Any]:
+    return {"momentum": SLOW_MOMENTUM, "clip_norm": SLOW_MEAN_CLIP_PER_CHANNEL * math.sqrt(c)}
+
+
+def _dp(*per_channel: ChannelOptions, ws: bool = False, **options: Any) -> Callable:
     import safenorm
 
     def build(seed: int, config: UtilityConfig) -> nn.Module:
         def layer(c: int) -> nn.Module:
             chosen = dict(options)
-            if chosen.pop("log_release", False):
-                chosen.update(
-                    var_release="log",
-                    var_clip_norm=config.log_var_clip_per_channel * math.sqrt(c),
-                )
-            if chosen.pop("slow", False):
-                chosen.update(
-                    momentum=SLOW_MOMENTUM, clip_norm=SLOW_MEAN_CLIP_PER_CHANNEL * math.sqrt(c)
-                )
+            for extra in per_channel:
+                chosen.update(extra(c, config))
             return safenorm.DPBatchNorm2d(c, **chosen, **config.dp_layer_options)
 
         return _normalized(layer, ws)(seed, config)
@@ -211,21 +217,20 @@ METHODS: dict[str, Method] = {
     "none": Method(_normalized(lambda c: nn.Identity()), False, "opacus", anchor=True),
     "groupnorm-ws": Method(_normalized(_groupnorm, ws=True), False, "opacus", anchor=True),
     "dp": Method(_dp(), True, "safenorm"),
-    "dp-log": Method(_dp(log_release=True), True, "safenorm"),
+    "dp-log": Method(_dp(_log_release), True, "safenorm"),
     "dp-projection": Method(_dp(project_gradient=True), True, "safenorm"),
     "dp-ws": Method(_dp(ws=True), True, "safenorm"),
     "dp-ws-projection": Method(_dp(ws=True, project_gradient=True), True, "safenorm"),
-    "dp-slow": Method(_dp(slow=True), True, "safenorm"),
-    "dp-ws-slow": Method(_dp(ws=True, slow=True), True, "safenorm"),
+    "dp-slow": Method(_dp(_slow), True, "safenorm"),
+    "dp-ws-slow": Method(_dp(_slow, ws=True), True, "safenorm"),
 }
 
 
 def build_method(method: str, seed: int, config: UtilityConfig) -> nn.Module:
     """The freshly initialized model of ``method`` (``torch.manual_seed(seed)`` first)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown from-scratch method {method!r}; known: {sorted(METHODS)}")
+    spec = method_of("from-scratch", METHODS, method)
     torch.manual_seed(seed)
-    return METHODS[method].build(seed, config)
+    return spec.build(seed, config)
 
 
 # ----------------------------------------------------------------------------- training
