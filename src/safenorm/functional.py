@@ -352,7 +352,8 @@ def private_statistics(
             must, so the global sum carries the noise once.
         var_release: ``"linear"`` or ``"log"`` (above).
     """
-    check_var_release(var_release)
+    if var_release not in VAR_RELEASES:
+        raise ValueError(f"var_release must be one of {VAR_RELEASES}, got {var_release!r}")
     reference = reference or ClipReference()
     center, scale = reference.center_like(m), reference.scale_like(m)
     size = groups.size.to(m.dtype).unsqueeze(1)
@@ -384,11 +385,6 @@ def private_statistics(
 
 #: How a DP layer releases its variance (:func:`private_statistics`).
 VAR_RELEASES = ("linear", "log")
-
-
-def check_var_release(var_release: str) -> None:
-    if var_release not in VAR_RELEASES:
-        raise ValueError(f"var_release must be one of {VAR_RELEASES}, got {var_release!r}")
 
 
 def log_ratio_contributions(ratio: Tensor, bound: float) -> Tensor:
@@ -1026,7 +1022,6 @@ def dp_release(
         ``(mean, var)``: ``(C,)`` per-channel, or ``(N, C)`` per-sample with ghost groups under
         ``normalize_with="batch"``; biased variance, detached.
     """
-    check_var_release(var_release)
     if var_release == "log" and spatial_size(input) < 2:
         raise ValueError(
             "var_release='log' needs input with spatial dimensions (N, C, *S), prod(S) >= 2, got "
